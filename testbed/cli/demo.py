@@ -1,0 +1,78 @@
+"""`testbed demo`: the U-shaped split inference demo on loopback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from testbed.demo import STAGES, DemoConfig, run_demo
+from testbed.errors import TestbedError
+from testbed.training.centralized import TrainConfig
+
+
+def _parse_split(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(part) for part in text.split(":"))
+    except ValueError as exc:
+        raise TestbedError(f"--split expects A:B with integers, got {text!r}") from exc
+    return a, b
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"U-shaped split inference — {report['model']} on {report['dataset']}, "
+                        f"batch {report['batch_size']} (ms, p50 / p95)")
+    table.add_column("device")
+    table.add_column("split")
+    for stage in (*STAGES, "e2e"):
+        table.add_column(stage, justify="right")
+    table.add_column("req/s", justify="right")
+    table.add_column("accuracy", justify="right")
+    for dev in report["devices"]:
+        cells = [f"{dev['stages'][s]['p50_ms']:.2f} / {dev['stages'][s]['p95_ms']:.2f}" for s in STAGES]
+        cells.append(f"{dev['e2e']['p50_ms']:.2f} / {dev['e2e']['p95_ms']:.2f}")
+        table.add_row(dev["device"], f"{dev['split'][0]}:{dev['split'][1]}", *cells,
+                      f"{dev['throughput_rps']:.0f}", f"{dev['accuracy']:.4f}")
+    console.print(table)
+    same = all(d["accuracy"] == d["reference_accuracy"] for d in report["devices"])
+    verdict = "[green]equal[/green]" if same else "[red]DIFFERENT[/red]"
+    console.print(f"accuracy through the split pipeline {report['accuracy']:.4f}; "
+                  f"unsplit model on the same images {report['reference_accuracy']:.4f}: {verdict}")
+
+
+def demo(
+    devices: Annotated[int, typer.Option(min=1, max=64, help="number of device agents")] = 3,
+    split: Annotated[list[str] | None, typer.Option(help="A:B per device (repeat); default: spread")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per request")] = 10,
+    limit: Annotated[int | None, typer.Option(min=1, help="classify only the first N test images")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="training epochs (the result is cached)")] = 2,
+    train_samples: Annotated[int | None, typer.Option(min=1, help="train on the first N images only")] = None,
+    dataset: Annotated[str, typer.Option(help="auto, fashion-mnist or digits")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="trained weights and ONNX files")] = None,
+    run_dir: Annotated[Path, typer.Option(help="logs, device data and results of this run")] = Path("runs/demo"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Train (once) a small CNN, then classify the test set through head (ONNX) -> body (torch) -> tail (ONNX)."""
+    config = DemoConfig(
+        devices=devices,
+        dataset=dataset,
+        batch_size=batch_size,
+        limit=limit,
+        splits=tuple(_parse_split(s) for s in split) if split else None,
+        train=TrainConfig(epochs=epochs, max_train_samples=train_samples),
+        run_dir=run_dir,
+        **({"cache_dir": cache_dir} if cache_dir else {}),
+    )
+    console = Console()
+    report = run_demo(config, say=lambda line: console.print(line, highlight=False))
+    render(report, console)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+        console.print(f"report written to {json_path}")
+    if any(d["accuracy"] != d["reference_accuracy"] for d in report["devices"]):
+        raise typer.Exit(1)
