@@ -24,21 +24,23 @@ def _parse_split(text: str) -> tuple[int, int]:
 
 
 def render(report: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"U-shaped split inference — {report['model']} on {report['dataset']}, "
-                        f"batch {report['batch_size']} (ms, p50 / p95)")
-    table.add_column("device")
-    table.add_column("split")
-    for stage in (*STAGES, "e2e"):
-        table.add_column(stage, justify="right")
-    table.add_column("req/s", justify="right")
-    table.add_column("accuracy", justify="right")
-    for dev in report["devices"]:
-        cells = [f"{dev['stages'][s]['p50_ms']:.2f} / {dev['stages'][s]['p95_ms']:.2f}" for s in STAGES]
-        cells.append(f"{dev['e2e']['p50_ms']:.2f} / {dev['e2e']['p95_ms']:.2f}")
-        table.add_row(dev["device"], f"{dev['split'][0]}:{dev['split'][1]}", *cells,
-                      f"{dev['throughput_rps']:.0f}", f"{dev['accuracy']:.4f}")
+    """One column per device, one row per stage, so the table fits a terminal for a handful of devices."""
+    devices = report["devices"]
+    table = Table(title=f"U-shaped split inference: {report['model']} on {report['dataset']}, "
+                        f"batch {report['batch_size']} (latency in ms, p50 / p95)")
+    table.add_column("stage")
+    for dev in devices:
+        table.add_column(f"{dev['device']} split {dev['split'][0]}:{dev['split'][1]}", justify="right")
+    for stage in STAGES:
+        table.add_row(stage, *(f"{d['stages'][stage]['p50_ms']:.2f} / {d['stages'][stage]['p95_ms']:.2f}"
+                               for d in devices))
+    table.add_row("end to end", *(f"{d['e2e']['p50_ms']:.2f} / {d['e2e']['p95_ms']:.2f}" for d in devices),
+                  style="bold")
+    table.add_row("requests/s", *(f"{d['throughput_rps']:.1f}" for d in devices))
+    table.add_row("accuracy", *(f"{d['accuracy']:.4f}" for d in devices))
+    table.add_row("unsplit model", *(f"{d['reference_accuracy']:.4f}" for d in devices))
     console.print(table)
-    same = all(d["accuracy"] == d["reference_accuracy"] for d in report["devices"])
+    same = all(d["accuracy"] == d["reference_accuracy"] for d in devices)
     verdict = "[green]equal[/green]" if same else "[red]DIFFERENT[/red]"
     console.print(f"accuracy through the split pipeline {report['accuracy']:.4f}; "
                   f"unsplit model on the same images {report['reference_accuracy']:.4f}: {verdict}")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import sys
+import signal
+from types import FrameType
 
 import typer
 
 from testbed.cli import demo
-from testbed.errors import TestbedError
+from testbed.cli.errors import friendly_errors
 
 app = typer.Typer(
     help="Hardware-in-the-loop testbed for U-shaped split learning and split inference at the 6G edge.",
@@ -15,15 +16,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("demo")(demo.demo)
+
+
+@app.callback()
+def _root() -> None:
+    """Keeps `testbed demo` a sub-command while it is the only one."""
+
+
+app.command("demo")(friendly_errors(demo.demo))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
-    try:
-        app()
-    except TestbedError as exc:
-        print(f"testbed: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("testbed: interrupted", file=sys.stderr)
-        sys.exit(130)
+    # SIGTERM unwinds like Ctrl-C, so every command's cleanup (stopping its processes) runs.
+    signal.signal(signal.SIGTERM, _interrupt)
+    app()
+
+
+if __name__ == "__main__":
+    main()

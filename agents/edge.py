@@ -1,0 +1,286 @@
+"""Edge server: runs the body blocks [a_i, b_i) of one shared model for many devices at once.
+
+One ROUTER socket serves every device. The I/O thread receives, validates and replies; a compute
+thread runs the body in PyTorch (CUDA when present), so requests keep arriving, and their queue
+wait is measured honestly, while a body runs. The model's weights are held once: every device's
+body is a slice of the same module list (parameter sharing), whatever its split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zmq
+
+from testbed.errors import PartitionError, TestbedError
+from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.models import BlockModel
+from testbed.models.weights import load_weights
+from testbed.partition import PartitionId, activation_shape, check_split
+from testbed.wire import channel
+from testbed.wire.codec import error_envelope
+from testbed.wire.envelope import Envelope, Kind, WireError, WireLimits
+
+_WAKE_ENDPOINT = "inproc://edge-results"
+
+
+class RequestRejected(WireError):
+    """A well-formed message that asks for something this edge cannot do."""
+
+
+@dataclass
+class Job:
+    route: bytes
+    request: Envelope
+    a: int
+    b: int
+    activations: np.ndarray
+    recv_ns: int
+
+
+@dataclass
+class Done:
+    route: bytes
+    reply: Envelope
+    tensors: dict[str, np.ndarray]
+
+
+class BodyRunner:
+    """Runs blocks [a, b) of the shared model on one torch device."""
+
+    def __init__(self, model: BlockModel, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+
+    def run(self, activations: np.ndarray, a: int, b: int) -> np.ndarray:
+        # Copy out of the receive buffer: it is read-only, and the GPU needs its own copy anyway.
+        x = torch.from_numpy(np.array(activations, copy=True)).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            y = self.model.run(x, a, b)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return y.detach().to("cpu").contiguous().numpy()
+
+
+class EdgeServer:
+    def __init__(
+        self,
+        runner: BodyRunner,
+        weights_hash: str,
+        socket: zmq.Socket,
+        ctx: zmq.Context,
+        limits: WireLimits,
+        stop: threading.Event,
+        max_batch: int = 4096,
+    ) -> None:
+        self.runner = runner
+        self.weights_hash = weights_hash
+        self.sock = socket
+        self.ctx = ctx
+        self.limits = limits
+        self.stop = stop
+        self.max_batch = max_batch
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.done: queue.Queue[Done] = queue.Queue()
+        self.served = 0
+        self.rejected = 0
+
+    # ---- validation: every message either becomes a Job or an error reply ----
+    def admit(self, route: bytes, request: Envelope, tensors: dict[str, np.ndarray], recv_ns: int) -> Job:
+        if request.kind is not Kind.INFER_REQUEST:
+            raise RequestRejected("bad_kind", f"the edge accepts infer_request and ping, not {request.kind.value}")
+        try:
+            pid = PartitionId.parse(request.partition)
+        except PartitionError as exc:
+            raise RequestRejected("bad_partition", str(exc)) from exc
+        if not self.weights_hash.startswith(pid.weights_hash):
+            raise RequestRejected(
+                "unknown_weights",
+                f"partition {request.partition} names weights {pid.weights_hash}, "
+                f"this edge serves {self.weights_hash[:16]}",
+            )
+        try:
+            check_split(self.runner.model, pid.a, pid.b)
+        except PartitionError as exc:
+            raise RequestRejected("bad_partition", str(exc)) from exc
+        if set(tensors) != {"a1"}:
+            raise RequestRejected("bad_tensors", f"expected exactly one tensor 'a1', got {sorted(tensors)}")
+        a1 = tensors["a1"]
+        expected = activation_shape(self.runner.model, pid.a)
+        if a1.dtype != np.float32 or a1.ndim != len(expected) + 1 or tuple(a1.shape[1:]) != expected:
+            raise RequestRejected(
+                "bad_shape",
+                f"split point {pid.a} takes float32 (batch, {', '.join(map(str, expected))}), "
+                f"got {a1.dtype} {tuple(a1.shape)}",
+            )
+        if not 1 <= a1.shape[0] <= self.max_batch:
+            raise RequestRejected("bad_shape", f"batch size {a1.shape[0]} outside 1..{self.max_batch}")
+        return Job(route, request, pid.a, pid.b, a1, recv_ns)
+
+    # ---- compute thread ----
+    def compute_loop(self) -> None:
+        wake = self.ctx.socket(zmq.PUSH)
+        wake.connect(_WAKE_ENDPOINT)
+        try:
+            while (job := self.jobs.get()) is not None:
+                start_ns = time.time_ns()
+                try:
+                    a2 = self.runner.run(job.activations, job.a, job.b)
+                except Exception as exc:  # a bad body run must not take the server down
+                    err = RequestRejected("compute_failed", f"body blocks [{job.a}, {job.b}) failed: {exc}")
+                    reply = error_envelope(err.code, err.message, device=job.request.device, seq=job.request.seq)
+                    self.done.put(Done(job.route, reply, {}))
+                else:
+                    end_ns = time.time_ns()
+                    reply = Envelope(
+                        kind=Kind.INFER_REPLY,
+                        device=job.request.device,
+                        seq=job.request.seq,
+                        partition=job.request.partition,
+                        times_ns={
+                            "edge_recv_ns": job.recv_ns,
+                            "edge_start_ns": start_ns,
+                            "edge_end_ns": end_ns,
+                            "edge_queue_ns": start_ns - job.recv_ns,
+                            "edge_compute_ns": end_ns - start_ns,
+                        },
+                    )
+                    self.done.put(Done(job.route, reply, {"a2": a2}))
+                wake.send(b"", copy=True)
+        finally:
+            wake.close(linger=0)
+
+    # ---- I/O thread ----
+    def serve(self) -> None:
+        wake = self.ctx.socket(zmq.PULL)
+        wake.bind(_WAKE_ENDPOINT)
+        worker = threading.Thread(target=self.compute_loop, name="edge-compute", daemon=True)
+        worker.start()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        try:
+            while not self.stop.is_set():
+                events = dict(poller.poll(100))
+                if self.sock in events:
+                    self._receive_ready()
+                if wake in events:
+                    while wake.poll(0):
+                        wake.recv()
+                self._send_done()
+        finally:
+            self.jobs.put(None)
+            worker.join(timeout=10)
+            self._send_done()
+            wake.close(linger=0)
+
+    def _receive_ready(self) -> None:
+        while self.sock.poll(0):
+            route: bytes | None = None
+            try:
+                route, msg = channel.recv(self.sock, limits=self.limits, routed=True)
+                recv_ns = time.time_ns()
+                if msg.envelope.kind is Kind.PING:
+                    reply = Envelope(Kind.PONG, msg.envelope.device, msg.envelope.seq,
+                                     times_ns={"edge_recv_ns": recv_ns})
+                    channel.send(self.sock, reply, limits=self.limits, route=route)
+                    continue
+                try:
+                    self.jobs.put(self.admit(route or b"", msg.envelope, msg.tensors, recv_ns))
+                except RequestRejected as err:
+                    err.device, err.seq = msg.envelope.device, msg.envelope.seq
+                    raise
+            except WireError as err:
+                self.rejected += 1
+                route = getattr(err, "route", None) or route
+                if route is not None:
+                    channel.reply_error(self.sock, route, err, limits=self.limits)
+
+    def _send_done(self) -> None:
+        while True:
+            try:
+                done = self.done.get_nowait()
+            except queue.Empty:
+                return
+            if done.reply.kind is Kind.INFER_REPLY:
+                times = {**done.reply.times_ns, "edge_send_ns": time.time_ns()}
+                done.reply = dataclasses.replace(done.reply, times_ns=times)
+                self.served += 1
+            channel.send(self.sock, done.reply, done.tensors, limits=self.limits, route=done.route)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TestbedError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _write_ready(path: Path, info: dict[str, object]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="testbed-edge", description=__doc__.splitlines()[0])
+    p.add_argument("--weights", type=Path, required=True, help="model weights (.safetensors with metadata)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:*", help="ZeroMQ endpoint; port * picks a free one")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--max-message-mb", type=float, default=256.0, help="cap on one message, also ZMQ_MAXMSGSIZE")
+    p.add_argument("--ready-file", type=Path, help="written (JSON: endpoint, pid, device) once serving")
+    p.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) dies")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.parent_pid:
+        die_with_parent(expected_parent=args.parent_pid)
+    stop = stop_event_on_signals()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        device = pick_device(args.device)
+        model, weights_hash = load_weights(args.weights)
+    except TestbedError as exc:
+        print(f"testbed-edge: {exc}", file=sys.stderr)
+        return 2
+    limits = WireLimits(max_message_bytes=int(args.max_message_mb * 2**20))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    channel.configure_socket(sock, limits)
+    try:
+        sock.bind(args.bind)
+    except zmq.ZMQError as exc:
+        print(f"testbed-edge: cannot bind {args.bind}: {exc}", file=sys.stderr)
+        return 2
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    server = EdgeServer(BodyRunner(model, device), weights_hash, sock, ctx, limits, stop)
+    print(f"testbed-edge: serving {model.name} ({weights_hash[:16]}) on {endpoint}, device {device}", flush=True)
+    if args.ready_file:
+        _write_ready(args.ready_file, {"endpoint": endpoint, "pid": os.getpid(), "device": str(device)})
+    try:
+        server.serve()
+    finally:
+        sock.close(linger=1000)
+        ctx.term()
+    print(f"testbed-edge: stopped after {server.served} replies, {server.rejected} rejected messages", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
