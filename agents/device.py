@@ -248,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result.to_json()))
     os.replace(tmp, args.out)
-    print(f"testbed-agent {args.device_id}: {result.samples} samples, accuracy {result.correct / max(result.samples, 1):.4f}",
-          flush=True)
+    accuracy = result.correct / max(result.samples, 1)
+    print(f"testbed-agent {args.device_id}: {result.samples} samples, accuracy {accuracy:.4f}", flush=True)
     return 130 if stop.is_set() else 0
 
 

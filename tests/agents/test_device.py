@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from testbed.partition import PartitionId
 from testbed.training.centralized import predict
