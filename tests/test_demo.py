@@ -48,7 +48,7 @@ def test_demo_reports_stages_and_matches_the_unsplit_model(tmp_path: Path, cache
         assert d["accuracy"] == d["reference_accuracy"]
     assert report["accuracy"] == pytest.approx(report["reference_accuracy"])
     assert report["accuracy"] > 0.5, "one epoch on 3000 images already classifies well above chance"
-    assert "e2e" in proc.stdout and "equal" in proc.stdout
+    assert "end to end" in proc.stdout and "equal" in proc.stdout
     # A second run reuses the trained weights and the ONNX files.
     again = subprocess.run(demo_argv(tmp_path, cache_dir, "--limit", "30", "--devices", "2"), cwd=REPO,
                            capture_output=True, text=True, timeout=600)

@@ -53,7 +53,7 @@ def train_centralized(
             optimizer.step()
             step += 1
             if on_step is not None:
-                on_step(step, total, float(loss))
+                on_step(step, total, loss.item())
     model.eval()
     return model
 
