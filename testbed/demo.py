@@ -48,6 +48,16 @@ class DemoConfig:
     timeout_s: float = 600.0
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the demo's processes run: loopback by default, or inside the emulated lab's hosts."""
+
+    edge_bind: str = "tcp://127.0.0.1:*"
+    wrap: Callable[[str, list[str]], list[str]] = field(default=lambda host, argv: argv)
+    max_devices: int | None = None
+    description: str = "loopback"
+
+
 def choose_splits(num_blocks: int, devices: int) -> list[tuple[int, int]]:
     """Different splits with a non-empty body, spread evenly over the valid ones."""
     candidates = [(a, b) for a, b in valid_splits(num_blocks) if a < b]
@@ -100,9 +110,13 @@ def summarise(result: dict[str, Any], reference_correct: int) -> dict[str, Any]:
     }
 
 
-def run_demo(config: DemoConfig, say: Progress = print) -> dict[str, Any]:
+def run_demo(config: DemoConfig, say: Progress = print, placement: Placement | None = None) -> dict[str, Any]:
+    placement = placement or Placement()
     if config.devices < 1:
         raise TestbedError("--devices must be at least 1")
+    if placement.max_devices is not None and config.devices > placement.max_devices:
+        raise TestbedError(f"{config.devices} devices asked for, but the lab has {placement.max_devices}: "
+                           f"use --devices {placement.max_devices} or a bigger lab")
     if config.batch_size < 1:
         raise TestbedError("--batch-size must be at least 1")
     dataset = load_dataset(config.dataset)
@@ -141,20 +155,21 @@ def run_demo(config: DemoConfig, say: Progress = print) -> dict[str, Any]:
     with ProcessGroup(run_dir / "logs") as group:
         ready_file = run_dir / "edge-ready.json"
         ready_file.unlink(missing_ok=True)
-        edge = group.start("edge", [
-            python, "-m", "agents.edge", "--weights", str(weights_path), "--bind", "tcp://127.0.0.1:*",
+        edge = group.start("edge", placement.wrap("edge", [
+            python, "-m", "agents.edge", "--weights", str(weights_path), "--bind", placement.edge_bind,
             "--threads", str(config.edge_threads), "--ready-file", str(ready_file), "--parent-pid", str(os.getpid()),
-        ])
+        ]))
         info = group.wait_ready(edge, ready_file, timeout_s=60)
-        say(f"edge server up on {info['endpoint']} ({info['device']}); starting {config.devices} device agents")
+        say(f"edge server up on {info['endpoint']} ({info['device']}, {placement.description}); "
+            f"starting {config.devices} device agents")
         agents = []
         for name, pid, head, tail, data_path, _ in devices:
-            agents.append(group.start(name, [
+            agents.append(group.start(name, placement.wrap(name, [
                 python, "-m", "agents.device", "infer", "--edge", info["endpoint"], "--device-id", name,
                 "--head", str(head), "--tail", str(tail), "--partition", str(pid), "--data", str(data_path),
                 "--batch-size", str(config.batch_size), "--threads", str(config.agent_threads),
                 "--out", str(run_dir / f"{name}-result.json"), "--parent-pid", str(os.getpid()),
-            ]))
+            ])))
         (run_dir / "pids.json").write_text(json.dumps(group.pids()))
         group.wait_all(agents, watch=[edge], timeout_s=config.timeout_s)
     for name, _, _, _, _, reference_correct in devices:
@@ -165,6 +180,7 @@ def run_demo(config: DemoConfig, say: Progress = print) -> dict[str, Any]:
     correct = sum(round(s["accuracy"] * s["samples"]) for s in summaries)
     report = {
         "dataset": dataset.name,
+        "placement": placement.description,
         "model": config.model,
         "weights": weights_hash,
         "batch_size": config.batch_size,

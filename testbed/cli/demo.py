@@ -10,9 +10,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from testbed.demo import STAGES, DemoConfig, run_demo
+from testbed.demo import STAGES, DemoConfig, Placement, run_demo
 from testbed.errors import TestbedError
 from testbed.training.centralized import TrainConfig
+
+
+def lab_placement(prefix: str, state_dir: Path | None = None) -> Placement:
+    """Edge and agents in the lab's namespaces (and the devices' CPU quotas), over the shaped links."""
+    from testbed.lab.lab import Lab
+    from testbed.lab.state import StateStore
+
+    lab = Lab(StateStore(state_dir) if state_dir else StateStore(), prefix)
+    state = lab.require_state()
+    topo = state.topology
+    return Placement(
+        edge_bind=f"tcp://{topo.edge.address}:*",
+        wrap=lambda host, argv: lab.command_in(host, argv),
+        max_devices=len(topo.devices),
+        description=f"lab {topo.prefix}, link {topo.link_profile}, backend {topo.backend}"
+                    + (f", class {topo.devices[0].device_class}" if topo.devices[0].device_class else ""),
+    )
 
 
 def _parse_split(text: str) -> tuple[int, int]:
@@ -57,6 +74,9 @@ def demo(
     cache_dir: Annotated[Path | None, typer.Option(help="trained weights and ONNX files")] = None,
     run_dir: Annotated[Path, typer.Option(help="logs, device data and results of this run")] = Path("runs/demo"),
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    lab: Annotated[bool, typer.Option("--lab", help="run the edge and the agents inside the emulated lab")] = False,
+    lab_prefix: Annotated[str, typer.Option(help="prefix of the lab to use with --lab")] = "tb",
+    lab_state_dir: Annotated[Path | None, typer.Option(help="where that lab's record is kept")] = None,
 ) -> None:
     """Train (once) a small CNN, then classify the test set through head (ONNX) -> body (torch) -> tail (ONNX)."""
     config = DemoConfig(
@@ -70,7 +90,8 @@ def demo(
         **({"cache_dir": cache_dir} if cache_dir else {}),
     )
     console = Console()
-    report = run_demo(config, say=lambda line: console.print(line, highlight=False))
+    placement = lab_placement(lab_prefix, lab_state_dir) if lab else None
+    report = run_demo(config, say=lambda line: console.print(line, highlight=False), placement=placement)
     render(report, console)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 
 import typer
 
-from testbed.cli import demo
+from testbed.cli import demo, doctor, lab, link
 from testbed.cli.errors import friendly_errors
 
 app = typer.Typer(
@@ -16,23 +17,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-@app.callback()
-def _root() -> None:
-    """Keeps `testbed demo` a sub-command while it is the only one."""
-
-
 app.command("demo")(friendly_errors(demo.demo))
+app.command("doctor")(friendly_errors(doctor.doctor))
+app.add_typer(lab.app, name="lab")
+app.add_typer(link.app, name="link")
+
+
+_MAIN_PID = os.getpid()
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A fork that inherited this handler (pyroute2 forks a helper to open netlink sockets in a
+        # namespace, then stops it with SIGTERM): it must not run the parent's cleanup, such as `lab down`.
+        os._exit(128 + signum)
     raise KeyboardInterrupt
 
 
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so every command's cleanup (stopping its processes) runs.
+    # SIGTERM and SIGINT unwind as KeyboardInterrupt, so every command's cleanup (stopping its processes) runs.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     app()
 
 

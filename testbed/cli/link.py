@@ -1,0 +1,123 @@
+"""`testbed link set|show|replay`: change and read the lab's links while it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from testbed.cli.errors import friendly_errors
+from testbed.lab.lab import Lab
+from testbed.lab.state import DEFAULT_STATE_DIR, StateStore
+from testbed.lab.topology import DEFAULT_PREFIX, LabError
+from testbed.net.link import DirectionSpec, LinkSpec
+from testbed.net.units import parse_duration_us, parse_loss_ppm, parse_rate
+
+app = typer.Typer(help="Change and read the links of the running lab.", no_args_is_help=True)
+
+PrefixOpt = Annotated[str, typer.Option(help="name prefix of the lab")]
+StateOpt = Annotated[Path, typer.Option(help="where the lab's record is kept")]
+
+
+def _changed(base: DirectionSpec, rate: str | None, delay: str | None, jitter: str | None,
+             loss: str | None) -> DirectionSpec:
+    try:
+        changes: dict[str, int | None] = {}
+        if rate is not None:
+            changes["rate_bps"] = None if rate in ("none", "unlimited") else parse_rate(rate)
+        if delay is not None:
+            changes["delay_us"] = parse_duration_us(delay)
+        if jitter is not None:
+            changes["jitter_us"] = parse_duration_us(jitter)
+        if loss is not None:
+            changes["loss_ppm"] = parse_loss_ppm(loss)
+    except ValueError as exc:
+        raise LabError(str(exc)) from exc
+    return dataclasses.replace(base, **changes)
+
+
+@app.command("set")
+@friendly_errors
+def set_link(
+    device: Annotated[str, typer.Argument(help="device host, e.g. dev1")],
+    rate: Annotated[str | None, typer.Option(help="e.g. 100mbit, 1.5gbit, or 'unlimited'")] = None,
+    delay: Annotated[str | None, typer.Option(help="one-way delay, e.g. 5ms")] = None,
+    jitter: Annotated[str | None, typer.Option(help="e.g. 1ms")] = None,
+    loss: Annotated[str | None, typer.Option(help="e.g. 0.1%")] = None,
+    direction: Annotated[str, typer.Option(help="uplink, downlink or both")] = "both",
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+    state_dir: StateOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """Change one device's link; unspecified parameters keep their value."""
+    if direction not in ("uplink", "downlink", "both"):
+        raise LabError(f"--direction must be uplink, downlink or both, not {direction!r}")
+    lab = Lab(StateStore(state_dir), prefix)
+    state = lab.require_state()
+    current = lab.link_of(state, state.topology.host(device))
+    up = _changed(current.uplink, rate, delay, jitter, loss) if direction in ("uplink", "both") else None
+    down = _changed(current.downlink, rate, delay, jitter, loss) if direction in ("downlink", "both") else None
+    new = lab.set_link(device, up, down)
+    Console().print(f"{device}: uplink {new.uplink.describe()}; downlink {new.downlink.describe()}")
+
+
+@app.command("show")
+@friendly_errors
+def show(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+    state_dir: StateOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """Every device's link as set, and the qdiscs the kernel really has."""
+    info = Lab(StateStore(state_dir), prefix).status()
+    devices = [h for h in info["hosts"] if h["role"] == "device"]
+    if as_json:
+        typer.echo(json.dumps([{k: h.get(k) for k in ("name", "address", "link", "qdiscs")} for h in devices],
+                              indent=2))
+        return
+    table = Table(title=f"links of lab {info['prefix']} (backend {info['backend']})")
+    for col in ("device", "uplink", "downlink", "kernel qdiscs up / down"):
+        table.add_column(col)
+    for h in devices:
+        link = h.get("link", {})
+        spec = {d: DirectionSpec(**link[d]).describe() if d in link else "-" for d in ("uplink", "downlink")}
+        qd = h.get("qdiscs", {})
+        kernel = " / ".join(",".join(q.get("kind", "?") for q in qd.get(d, [])) or "-" for d in ("uplink", "downlink"))
+        table.add_row(h["name"], spec["uplink"], spec["downlink"], kernel)
+    Console().print(table)
+
+
+@app.command("replay")
+@friendly_errors
+def replay(
+    device: Annotated[str, typer.Argument(help="device host, e.g. dev1")],
+    trace: Annotated[Path, typer.Argument(help="trace file (profiles/traces/*.csv)")],
+    duration: Annotated[float, typer.Option(min=0.1, help="seconds to replay (the trace loops)")] = 30.0,
+    prefix: PrefixOpt = DEFAULT_PREFIX,
+    state_dir: StateOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """Replay a time-varying link (rate and delay over time) on one device's link, on a timer."""
+    from testbed.net.traces import TraceReplayer, load_trace
+
+    lab = Lab(StateStore(state_dir), prefix)
+    state = lab.require_state()
+    base = lab.link_of(state, state.topology.host(device))
+    loaded = load_trace(trace)
+    console = Console()
+    stop = threading.Event()
+
+    def apply(spec: LinkSpec) -> None:
+        lab.set_link(device, spec.uplink, spec.downlink)
+        console.print(f"{time.strftime('%H:%M:%S')} {device}: up {spec.uplink.describe()}; "
+                      f"down {spec.downlink.describe()}", highlight=False)
+
+    try:
+        TraceReplayer(loaded, base, apply).run(duration_s=duration, stop=stop)
+    finally:
+        lab.set_link(device, base.uplink, base.downlink)
