@@ -55,7 +55,7 @@ def up(
 def down(prefix: PrefixOpt = DEFAULT_PREFIX, state_dir: StateOpt = DEFAULT_STATE_DIR) -> None:
     """Remove everything the lab created (idempotent; also after a crash)."""
     removed = lab_for(prefix, state_dir).down()
-    Console().print(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
+    typer.echo(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
 
 
 @app.command()

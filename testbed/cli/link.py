@@ -121,3 +121,29 @@ def replay(
         TraceReplayer(loaded, base, apply).run(duration_s=duration, stop=stop)
     finally:
         lab.set_link(device, base.uplink, base.downlink)
+
+
+@app.command("import-mahimahi")
+@friendly_errors
+def import_mahimahi(
+    uplink_trace: Annotated[Path, typer.Argument(help="Mahimahi .up file (one line per 1500-byte opportunity)")],
+    downlink_trace: Annotated[Path, typer.Argument(help="Mahimahi .down file")],
+    out: Annotated[Path, typer.Option(help="trace file to write (CSV)")],
+    delay: Annotated[str, typer.Option(help="one-way delay to pair with the rates (Mahimahi traces carry none)")]
+    = "16.5ms",
+    window_ms: Annotated[int, typer.Option(min=1, help="averaging window")] = 1000,
+    name: Annotated[str | None, typer.Option(help="trace name (default: the output file's stem)")] = None,
+) -> None:
+    """Turn Mahimahi delivery-opportunity traces into a (time, uplink, downlink, delay) trace for `link replay`."""
+    from testbed.net.traces import from_mahimahi, mean_rates_bps, save_trace
+
+    try:
+        delay_us = parse_duration_us(delay)
+    except ValueError as exc:
+        raise LabError(str(exc)) from exc
+    trace = from_mahimahi(uplink_trace, downlink_trace, window_ms=window_ms, delay_us=delay_us,
+                          name=name or out.stem)
+    save_trace(trace, out)
+    up, down = mean_rates_bps(trace)
+    Console().print(f"{out}: {len(trace.points)} steps over {trace.period_ms / 1000:.0f} s, "
+                    f"mean uplink {up / 1e6:.2f} Mbit/s, downlink {down / 1e6:.2f} Mbit/s")
