@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import zmq
 
+from agents.scheduler import FairScheduler, SharesError, parse_shares
 from testbed.errors import PartitionError, TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.models import BlockModel
@@ -83,6 +85,7 @@ class EdgeServer:
         limits: WireLimits,
         stop: threading.Event,
         max_batch: int = 4096,
+        shares: Mapping[str, float] | None = None,
     ) -> None:
         self.runner = runner
         self.weights_hash = weights_hash
@@ -93,6 +96,7 @@ class EdgeServer:
         self.max_batch = max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.done: queue.Queue[Done] = queue.Queue()
+        self.scheduler: FairScheduler[Job] = FairScheduler(shares)  # used by the compute thread only
         self.served = 0
         self.rejected = 0
 
@@ -133,7 +137,7 @@ class EdgeServer:
         wake = self.ctx.socket(zmq.PUSH)
         wake.connect(_WAKE_ENDPOINT)
         try:
-            while (job := self.jobs.get()) is not None:
+            while (job := self._next_job()) is not None:
                 start_ns = time.time_ns()
                 try:
                     a2 = self.runner.run(job.activations, job.a, job.b)
@@ -157,9 +161,24 @@ class EdgeServer:
                         },
                     )
                     self.done.put(Done(job.route, reply, {"a2": a2}))
+                self.scheduler.charge(job.request.device, (time.time_ns() - start_ns) / 1e9)
                 wake.send(b"", copy=True)
         finally:
             wake.close(linger=0)
+
+    def _next_job(self) -> Job | None:
+        """Move what arrived into the per-device queues, then take the job fair sharing picks (None: stop)."""
+        while True:
+            try:
+                arrived = self.jobs.get(block=len(self.scheduler) == 0)
+            except queue.Empty:
+                break
+            if arrived is None:
+                return None
+            self.scheduler.push(arrived.request.device, arrived)
+        picked = self.scheduler.pop()
+        assert picked is not None  # the loop above returns only with a backlog
+        return picked[1]
 
     # ---- I/O thread ----
     def serve(self) -> None:
@@ -241,6 +260,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--max-message-mb", type=float, default=256.0, help="cap on one message, also ZMQ_MAXMSGSIZE")
+    p.add_argument("--shares", default="", help="edge compute shares, DEVICE=WEIGHT,... (relative; default equal)")
     p.add_argument("--ready-file", type=Path, help="written (JSON: endpoint, pid, device) once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) dies")
     return p.parse_args(argv)
@@ -254,8 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
+        shares = parse_shares(args.shares)
         device = pick_device(args.device)
         model, weights_hash = load_weights(args.weights)
+    except SharesError as exc:
+        print(f"testbed-edge: --shares: {exc}", file=sys.stderr)
+        return 2
     except TestbedError as exc:
         print(f"testbed-edge: {exc}", file=sys.stderr)
         return 2
@@ -269,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"testbed-edge: cannot bind {args.bind}: {exc}", file=sys.stderr)
         return 2
     endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    server = EdgeServer(BodyRunner(model, device), weights_hash, sock, ctx, limits, stop)
+    server = EdgeServer(BodyRunner(model, device), weights_hash, sock, ctx, limits, stop, shares=shares)
     print(f"testbed-edge: serving {model.name} ({weights_hash[:16]}) on {endpoint}, device {device}", flush=True)
     if args.ready_file:
         _write_ready(args.ready_file, {"endpoint": endpoint, "pid": os.getpid(), "device": str(device)})
