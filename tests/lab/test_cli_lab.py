@@ -78,6 +78,8 @@ def test_lab_link_commands_round_trip(state_dir: Path, tmp_path: Path) -> None:
     edge = run_testbed("link", "set", "edge", "--rate", "1mbit", state_dir=state_dir)
     assert edge.returncode == 2 and "never shaped" in edge.stderr
 
+    if not TRACES.exists():
+        pytest.skip(f"{TRACES} (the project's shared traces) is not beside this checkout")
     trace = tmp_path / "verizon.csv"
     imported = run_testbed("link", "import-mahimahi", str(TRACES / "Verizon-LTE-short.up"),
                        str(TRACES / "Verizon-LTE-short.down"), "--out", str(trace))
