@@ -42,6 +42,10 @@ class EdgeUnavailable(TestbedError):
     """The edge did not answer in time, or answered with an error."""
 
 
+class Interrupted(TestbedError):
+    """SIGTERM or SIGINT arrived while a request was in flight."""
+
+
 def _session(path: Path, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -95,7 +99,9 @@ class SplitClient:
         partition: str,
         limits: WireLimits,
         timeout_s: float,
+        stop: threading.Event | None = None,
     ) -> None:
+        self.stop = stop or threading.Event()
         self.head, self.tail, self.sock = head, tail, sock
         self.device_id, self.partition = device_id, partition
         self.limits, self.timeout_ms = limits, int(timeout_s * 1000)
@@ -127,8 +133,12 @@ class SplitClient:
         deadline = time.monotonic() + self.timeout_ms / 1000
         while True:
             remaining = int((deadline - time.monotonic()) * 1000)
-            if remaining <= 0 or not self.sock.poll(remaining):
+            if self.stop.is_set():
+                raise Interrupted("stopped while waiting for the edge")
+            if remaining <= 0:
                 raise EdgeUnavailable(f"no reply from the edge within {self.timeout_ms} ms (seq {self.seq})")
+            if not self.sock.poll(min(remaining, 100)):  # short slices: a stop request is seen at once
+                continue
             try:
                 _, reply = channel.recv(self.sock, limits=self.limits)
             except WireError as exc:
@@ -236,8 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             sock = ctx.socket(zmq.DEALER)
             channel.configure_socket(sock, limits)
             sock.connect(args.edge)
-        client = SplitClient(head, tail, sock, args.device_id, args.partition, limits, args.timeout_s)
+        client = SplitClient(head, tail, sock, args.device_id, args.partition, limits, args.timeout_s, stop)
         result = run_inference(client, x, y, args.batch_size, split, stop)
+    except Interrupted:
+        print(f"testbed-agent {args.device_id}: stopped", file=sys.stderr)
+        return 130
     except TestbedError as exc:
         print(f"testbed-agent {args.device_id}: {exc}", file=sys.stderr)
         return 2
