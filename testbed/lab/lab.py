@@ -25,6 +25,7 @@ from testbed.net.tc import read_qdiscs, update_plan
 from testbed.net.tcplan import plan_direction
 
 DIRECTIONS = ("uplink", "downlink")
+DELAY_LINE_MTU = 65000  # the delay line's TUN default: HTB bursts must hold one such packet
 
 
 def netem_available() -> bool:
@@ -104,7 +105,8 @@ class Lab:
             ("uplink", link.uplink, topo.uplink_port(dev)),
             ("downlink", link.downlink, topo.downlink_port(dev)),
         ):
-            update_plan(port.netns, port.ifname, plan_direction(spec, netem=netem))  # keeps queued packets
+            ops = plan_direction(spec, netem=netem, mtu=1500 if netem else DELAY_LINE_MTU)
+            update_plan(port.netns, port.ifname, ops)  # in place where it can: queued packets survive
             state.links.setdefault(dev.name, {})[direction] = asdict(spec)
         if not netem:
             record = next(p for p in state.processes if p.name == f"delayline-{dev.name}")

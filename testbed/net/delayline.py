@@ -443,7 +443,7 @@ def _clear_stale_socket(path: Path) -> None:
 # Shell: the packet loop
 # --------------------------------------------------------------------------------------------------------------
 
-READ_BATCH = 64  # packets read from one fd before the queues are looked at again
+READ_BATCH = 16  # packets read from one fd before due packets are released again (64 let heavy input delay releases)
 MAX_WAIT_S = 0.25  # longest sleep without a due packet (the stop event is also signalled through a pipe)
 DEFAULT_WAKE_COMPENSATION = 0.75  # fraction of the learnt timer overshoot a packet that woke the loop is backdated
 MAX_OVERSHOOT_NS = 500_000  # cap on the learnt timer overshoot (and so on polling before a release)
@@ -508,9 +508,11 @@ class DelayLine:
     def run(self, stop: threading.Event, wake_fd: int | None = None) -> None:
         """Move packets until `stop` is set (`wake_fd`: a pipe that becomes readable when it is, e.g. on a signal).
 
-        Timers overshoot: select() on this kind of machine wakes 50–150 µs after its timeout. The loop keeps a
+        Timers overshoot: select() on this kind of machine wakes 50–200 µs after its timeout. The loop keeps a
         running mean of that overshoot (`self.overshoot_ns`) and wakes that much earlier; if it is then early, it
-        polls (select with timeout 0) for the remaining few microseconds. Packets are never released early.
+        polls (select with timeout 0) for the remaining few microseconds. No packet leaves the queue before its
+        release time; but a packet that woke the sleeping loop has its arrival backdated by
+        `wake_compensation` × the overshoot (the time the wake-up itself took; see docs/delayline.md).
         """
         up, down = self.uplink, self.downlink
         inner, outer = self.inner_fd, self.outer_fd
