@@ -100,8 +100,10 @@ class SplitClient:
         limits: WireLimits,
         timeout_s: float,
         stop: threading.Event | None = None,
+        slowdown: float = 1.0,
     ) -> None:
         self.stop = stop or threading.Event()
+        self.slowdown = slowdown
         self.head, self.tail, self.sock = head, tail, sock
         self.device_id, self.partition = device_id, partition
         self.limits, self.timeout_ms = limits, int(timeout_s * 1000)
@@ -110,6 +112,7 @@ class SplitClient:
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         t0 = time.perf_counter_ns()
         a1 = self.head.run(["a1"], {"x": x})[0]
+        self._dilate(t0)
         t1 = time.perf_counter_ns()
         times: dict[str, float] = {"head": (t1 - t0) / 1e6}
         if self.sock is None:  # empty body: the device-only baseline
@@ -120,9 +123,19 @@ class SplitClient:
             times.update(net)
         t2 = time.perf_counter_ns()
         logits = self.tail.run(["logits"], {"a2": a2})[0]
+        self._dilate(t2)
         t3 = time.perf_counter_ns()
         times.update(tail=(t3 - t2) / 1e6, e2e=(t3 - t0) / 1e6)
         return logits, times
+
+    def _dilate(self, start_ns: int) -> None:
+        """Stretch a compute stage by the device's slowdown (emulating a slower CPU in the lab).
+
+        A CPU quota only slows sustained work; sleeping (slowdown - 1) times the compute time makes every
+        request as slow as on the emulated device, and uses 1/slowdown of a core, which the quota allows.
+        """
+        if self.slowdown > 1.0:
+            time.sleep((time.perf_counter_ns() - start_ns) * (self.slowdown - 1.0) / 1e9)
 
     def _body(self, a1: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         assert self.sock is not None
@@ -216,6 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     inf.add_argument("--timeout-s", type=float, default=30.0, help="per-request reply timeout")
     inf.add_argument("--max-message-mb", type=float, default=256.0)
     inf.add_argument("--out", type=Path, required=True, help="result JSON")
+    inf.add_argument("--slowdown", type=float, default=1.0,
+                     help="stretch head and tail compute by this factor (a lab device's class, vs this host)")
     inf.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) dies")
     return p.parse_args(argv)
 
@@ -238,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise TestbedError("--batch-size must be at least 1")
+        if not 1.0 <= args.slowdown <= 1000.0:
+            raise TestbedError("--slowdown must be between 1 and 1000")
         split = _split_of(args.partition)
         head, tail = _session(args.head, args.threads), _session(args.tail, args.threads)
         x, y = load_local_data(args.data)
@@ -246,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             sock = ctx.socket(zmq.DEALER)
             channel.configure_socket(sock, limits)
             sock.connect(args.edge)
-        client = SplitClient(head, tail, sock, args.device_id, args.partition, limits, args.timeout_s, stop)
+        client = SplitClient(head, tail, sock, args.device_id, args.partition, limits, args.timeout_s, stop,
+                             args.slowdown)
         result = run_inference(client, x, y, args.batch_size, split, stop)
     except Interrupted:
         print(f"testbed-agent {args.device_id}: stopped", file=sys.stderr)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ class Placement:
     wrap: Callable[[str, list[str]], list[str]] = field(default=lambda host, argv: argv)
     max_devices: int | None = None
     description: str = "loopback"
+    agent_args: Mapping[str, Sequence[str]] = field(default_factory=dict)  # per device, e.g. --slowdown
 
 
 def choose_splits(num_blocks: int, devices: int) -> list[tuple[int, int]]:
@@ -169,6 +170,7 @@ def run_demo(config: DemoConfig, say: Progress = print, placement: Placement | N
                 "--head", str(head), "--tail", str(tail), "--partition", str(pid), "--data", str(data_path),
                 "--batch-size", str(config.batch_size), "--threads", str(config.agent_threads),
                 "--out", str(run_dir / f"{name}-result.json"), "--parent-pid", str(os.getpid()),
+                *placement.agent_args.get(name, ()),
             ])))
         (run_dir / "pids.json").write_text(json.dumps(group.pids()))
         group.wait_all(agents, watch=[edge], timeout_s=config.timeout_s)

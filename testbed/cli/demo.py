@@ -17,16 +17,23 @@ from testbed.training.centralized import TrainConfig
 
 def lab_placement(prefix: str, state_dir: Path | None = None) -> Placement:
     """Edge and agents in the lab's namespaces (and the devices' CPU quotas), over the shaped links."""
+    from testbed.lab.devices import host_speed_vs_pi4, load_device_class, slowdown
     from testbed.lab.lab import Lab
     from testbed.lab.state import StateStore
 
     lab = Lab(StateStore(state_dir) if state_dir else StateStore(), prefix)
     state = lab.require_state()
     topo = state.topology
+    agent_args: dict[str, list[str]] = {}
+    for dev in topo.devices:
+        if dev.device_class:
+            factor = slowdown(load_device_class(dev.device_class), host_speed_vs_pi4())
+            agent_args[dev.name] = ["--slowdown", f"{max(1.0, factor):.4f}"]
     return Placement(
         edge_bind=f"tcp://{topo.edge.address}:*",
         wrap=lambda host, argv: lab.command_in(host, argv),
         max_devices=len(topo.devices),
+        agent_args=agent_args,
         description=f"lab {topo.prefix}, link {topo.link_profile}, backend {topo.backend}"
                     + (f", class {topo.devices[0].device_class}" if topo.devices[0].device_class else ""),
     )

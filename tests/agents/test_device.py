@@ -88,3 +88,20 @@ def test_agent_gives_up_on_a_silent_edge(cnn_weights, onnx_cache, tmp_path) -> N
     proc, _ = run_agent(tmp_path, "tcp://127.0.0.1:9", head, tail, pid, data, "--timeout-s", "0.5")
     assert proc.returncode == 2
     assert "no reply from the edge within 500 ms" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_slowdown_stretches_head_and_tail_on_the_device(cnn_weights, onnx_cache, edge_server, tmp_path) -> None:
+    model = cnn_weights.model
+    head, tail = onnx_cache.partition(model, cnn_weights.weights_hash, 5, 8)
+    data = tmp_path / "data.npz"
+    x = np.random.default_rng(5).standard_normal((64, *model.input_shape), dtype=np.float32)
+    np.savez(data, x=x, y=np.zeros(64, np.int64))
+    pid = str(PartitionId(cnn_weights.weights_hash, 5, 8))
+    medians = {}
+    for factor in ("1", "4"):
+        proc, out = run_agent(tmp_path, edge_server.endpoint, head, tail, pid, data, "--slowdown", factor)
+        assert proc.returncode == 0, proc.stderr
+        medians[factor] = float(np.median(json.loads(out.read_text())["stages_ms"]["head"]))
+    assert 3.0 <= medians["4"] / medians["1"] <= 5.5, medians
+    bad, _ = run_agent(tmp_path, edge_server.endpoint, head, tail, pid, data, "--slowdown", "0.5")
+    assert bad.returncode == 2 and "--slowdown" in bad.stderr
