@@ -16,6 +16,20 @@ from testbed.lab.topology import LabError, LabHost, Topology
 from testbed.net.link import DirectionSpec, LinkSpec
 
 READY_TIMEOUT_S = 20.0
+MIN_MTU, MAX_MTU = 1500, 65000
+MTU_TIME_S = 0.0005  # a packet is at most this long on the slower direction's wire
+
+
+def tun_mtu(link: LinkSpec) -> int:
+    """Big packets keep a Python delay line fast; small ones keep HTB's burst (two packets) short.
+
+    The MTU is what the slower direction sends in 0.5 ms, within 1500..65000: 1500 for LTE and 5G sub-6
+    uplinks (a burst of 0.4-2 ms), 13 kB for a 214 Mbit/s mmWave uplink, 56 kB for 900 Mbit/s Wi-Fi 6.
+    """
+    rates = [r for r in (link.uplink.rate_bps, link.downlink.rate_bps) if r]
+    if not rates:
+        return MAX_MTU
+    return max(MIN_MTU, min(MAX_MTU, int(min(rates) * MTU_TIME_S / 8)))
 
 
 def _impairment(spec: DirectionSpec) -> dict[str, int]:
@@ -28,10 +42,11 @@ def start_delay_line(topo: Topology, dev: LabHost, link: LinkSpec, run_dir: Path
     control = run_dir / f"{dev.name}-delayline.sock"
     ready = run_dir / f"{dev.name}-delayline.ready"
     ready.unlink(missing_ok=True)
+    mtu = tun_mtu(link)
     argv = [
         sys.executable, "-m", "testbed.net.delayline", "--inner-ns", dev.netns, "--inner-tun", "tun0",
         "--outer-ns", topo.switch_ns, "--outer-tun", topo.switch_port(dev), "--address", dev.address,
-        "--seed", str(dev.index), "--control", str(control), "--ready-file", str(ready),
+        "--seed", str(dev.index), "--control", str(control), "--ready-file", str(ready), "--mtu", str(mtu),
     ]
     for prefix, spec in (("up", link.uplink), ("down", link.downlink)):
         argv += [f"--{prefix}-delay-us", str(spec.delay_us), f"--{prefix}-jitter-us", str(spec.jitter_us),
@@ -49,7 +64,7 @@ def start_delay_line(topo: Topology, dev: LabHost, link: LinkSpec, run_dir: Path
             raise LabError(f"the delay line of {dev.name} was not ready after {READY_TIMEOUT_S:.0f} s")
         time.sleep(0.02)
     ticks = process_start_ticks(proc.pid)
-    return ProcessRecord(f"delayline-{dev.name}", proc.pid, ticks or 0, str(control))
+    return ProcessRecord(f"delayline-{dev.name}", proc.pid, ticks or 0, str(control), mtu)
 
 
 class DelayLineControl:

@@ -25,7 +25,6 @@ from testbed.net.tc import read_qdiscs, update_plan
 from testbed.net.tcplan import plan_direction
 
 DIRECTIONS = ("uplink", "downlink")
-DELAY_LINE_MTU = 65000  # the delay line's TUN default: HTB bursts must hold one such packet
 
 
 def netem_available() -> bool:
@@ -69,6 +68,10 @@ class Lab:
             state.namespaces.append(ns)  # written down before it exists
             self.store.save(state)
             hosts.create_namespace(ns)
+        for host in topo.hosts:
+            # A request after an idle gap must not restart from a slow-start window: the latency model (and a
+            # long-lived split-inference connection on a real device, tuned the same way) assumes the link rate.
+            hosts.write_sysctl(host.netns, "net.ipv4.tcp_slow_start_after_idle", "0")
         hosts.build_switch(topo)
         hosts.attach_by_veth(topo, topo.edge)
         for dev in topo.devices:
@@ -101,11 +104,12 @@ class Lab:
     def _shape(self, state: LabState, dev: LabHost, link: LinkSpec) -> None:
         topo = state.topology
         netem = topo.backend == "netem"
+        mtu = 1500 if netem else next(p.mtu for p in state.processes if p.name == f"delayline-{dev.name}")
         for direction, spec, port in (
             ("uplink", link.uplink, topo.uplink_port(dev)),
             ("downlink", link.downlink, topo.downlink_port(dev)),
         ):
-            ops = plan_direction(spec, netem=netem, mtu=1500 if netem else DELAY_LINE_MTU)
+            ops = plan_direction(spec, netem=netem, mtu=mtu)
             update_plan(port.netns, port.ifname, ops)  # in place where it can: queued packets survive
             state.links.setdefault(dev.name, {})[direction] = asdict(spec)
         if not netem:

@@ -25,6 +25,7 @@ class ProcessRecord:
     pid: int
     start_ticks: int
     control: str = ""
+    mtu: int = 0  # a delay line's TUN MTU (the HTB on its TUNs plans its burst with it)
 
 
 @dataclass

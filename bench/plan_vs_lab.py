@@ -1,0 +1,186 @@
+"""Predicted against measured end-to-end delay of split inference in the emulated lab (needs root).
+
+For every link profile × device class × zoo model × sampled split (a, b): the latency model
+(testbed.planning.model.device_time, fed by profiles measured on this host with testbed.profiling and the
+device class's slowdown) predicts one device's end-to-end delay with the whole edge (share 1); the lab measures
+it: a one-device lab with that link and class, the edge server in its namespace, the device agent in the device's
+namespace (CPU quota + --slowdown), median over the requests. Prints a table, the fraction within 10%, and writes
+JSON and (with matplotlib) a predicted-vs-measured plot.
+
+    sudo .venv/bin/python bench/plan_vs_lab.py --json docs/plan_vs_lab.json --plot docs/plan_vs_lab.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from testbed.lab.devices import host_speed_vs_pi4, load_device_class, slowdown  # noqa: E402
+from testbed.lab.lab import Lab  # noqa: E402
+from testbed.lab.state import StateStore  # noqa: E402
+from testbed.models import build_model  # noqa: E402
+from testbed.models.weights import save_weights  # noqa: E402
+from testbed.net.link import load_link_profile  # noqa: E402
+from testbed.partition import ArtifactCache, PartitionId, valid_splits  # noqa: E402
+from testbed.planning.model import device_time  # noqa: E402
+from testbed.profiling.blocks import profile_blocks  # noqa: E402
+from testbed.profiling.problem import build_problem  # noqa: E402
+
+PREFIX = "tbv"
+MODELS = {"cnn": {}, "resnet18": {"width": 16}}
+
+
+def sample_splits(num_blocks: int, count: int, seed: int) -> list[tuple[int, int]]:
+    candidates = [(a, b) for a, b in valid_splits(num_blocks) if a < b]
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
+    return sorted(candidates[i] for i in picks)
+
+
+def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {path} appeared")
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} did not appear in {timeout_s} s")
+
+
+def measure(lab: Lab, edge: str, head: Path, tail: Path, pid: str, data: Path, batch: int, factor: float,
+            out: Path) -> float:
+    argv = [sys.executable, "-m", "agents.device", "infer", "--edge", edge, "--device-id", "dev1",
+            "--head", str(head), "--tail", str(tail), "--partition", pid, "--data", str(data),
+            "--batch-size", str(batch), "--threads", "1", "--slowdown", f"{factor:.4f}", "--out", str(out)]
+    proc = subprocess.run(lab.command_in("dev1", argv), capture_output=True, text=True, timeout=900, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"agent failed: {proc.stderr[-800:]}")
+    e2e = json.loads(out.read_text())["stages_ms"]["e2e"]
+    return float(np.median(e2e[2:]))  # the first requests warm the connection up
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--links", default="lte,5g-mmwave")
+    p.add_argument("--classes", default="raspberry-pi-4,raspberry-pi-5")
+    p.add_argument("--models", default="cnn,resnet18")
+    p.add_argument("--splits", type=int, default=6, help="sampled splits per model")
+    p.add_argument("--requests", type=int, default=14)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (the emulated lab)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    host_speed = host_speed_vs_pi4()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="tb-planlab-") as tmp_name:
+        tmp = Path(tmp_name)
+        cache = ArtifactCache(tmp / "onnx")
+        prepared = {}
+        for name in args.models.split(","):
+            torch.manual_seed(0)
+            model = build_model(name, **MODELS.get(name, {})).eval()
+            weights = tmp / f"{name}.safetensors"
+            weights_hash = save_weights(model, weights)
+            print(f"profiling {name} (onnxruntime for the device, torch for the edge), batch {args.batch}", flush=True)
+            device_prof = profile_blocks(model, [args.batch], runtime="onnxruntime", repeats=30, warmup=5,
+                                         weights_hash=weights_hash)
+            edge_prof = profile_blocks(model, [args.batch], runtime="torch", repeats=30, warmup=5,
+                                       weights_hash=weights_hash)
+            x = np.random.default_rng(1).standard_normal((args.batch * args.requests, *model.input_shape),
+                                                         dtype=np.float32)
+            data = tmp / f"{name}-data.npz"
+            np.savez(data, x=x, y=np.zeros(len(x), np.int64))
+            prepared[name] = (model, weights, weights_hash, device_prof, edge_prof, data,
+                              sample_splits(model.num_blocks, args.splits, seed=len(name)))
+        store = StateStore(tmp / "state")
+        for link_name in args.links.split(","):
+            link = load_link_profile(link_name)
+            for cls_name in args.classes.split(","):
+                factor = max(1.0, slowdown(load_device_class(cls_name), host_speed))
+                lab = Lab(store, PREFIX)
+                lab.down()
+                lab.up(1, link.name, link.spec, device_class=cls_name)
+                try:
+                    for name, (model, weights, weights_hash, dprof, eprof, data, splits) in prepared.items():
+                        problem = build_problem(dprof, [link.name], devices=1, device_classes=[cls_name],
+                                                edge_profile=eprof, batch_size=args.batch)
+                        ready = tmp / f"edge-{link_name}-{cls_name}-{name}.json"
+                        edge = subprocess.Popen(lab.command_in("edge", [
+                            sys.executable, "-m", "agents.edge", "--weights", str(weights), "--threads", "1",
+                            "--bind", f"tcp://{lab.require_state().topology.edge.address}:*",
+                            "--ready-file", str(ready)]), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+                        try:
+                            endpoint = wait_file(ready, edge)["endpoint"]
+                            for a, b in splits:
+                                head, tail = cache.partition(model, weights_hash, a, b)
+                                pid = str(PartitionId(weights_hash, a, b))
+                                measured = measure(lab, endpoint, head, tail, pid, data, args.batch, factor,
+                                                   tmp / "result.json")
+                                predicted, stages = device_time(problem, 0, a, b, 1.0)
+                                row = {"link": link_name, "device_class": cls_name, "model": name, "a": a, "b": b,
+                                       "predicted_ms": round(predicted * 1000, 3), "measured_ms": round(measured, 3),
+                                       "error": round(measured / (predicted * 1000) - 1, 4),
+                                       "predicted_stages_ms": {k: round(v * 1000, 3) for k, v in stages.items()}}
+                                rows.append(row)
+                                print(f"{link_name:10} {cls_name:15} {name:8} ({a},{b}): predicted "
+                                      f"{row['predicted_ms']:9.2f} ms, measured {measured:9.2f} ms, "
+                                      f"error {100 * row['error']:+6.1f}%", flush=True)
+                        finally:
+                            edge.terminate()
+                            edge.wait(timeout=30)
+                finally:
+                    lab.down()
+    within = sum(abs(r["error"]) <= 0.10 for r in rows)
+    summary = {"pairs": len(rows), "within_10pct": within, "fraction": round(within / max(len(rows), 1), 3),
+               "median_abs_error": round(float(np.median([abs(r["error"]) for r in rows])), 4) if rows else None,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args) | {
+                   "json": str(args.json), "plot": str(args.plot)}, "host_speed_vs_pi4": host_speed}
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot", file=sys.stderr)
+        else:
+            fig, ax = plt.subplots(figsize=(6, 6))
+            for key in sorted({(r["link"], r["model"]) for r in rows}):
+                sel = [r for r in rows if (r["link"], r["model"]) == key]
+                ax.scatter([r["predicted_ms"] for r in sel], [r["measured_ms"] for r in sel], label=" / ".join(key))
+            lim = [min(r["predicted_ms"] for r in rows) * 0.8, max(r["measured_ms"] for r in rows) * 1.2]
+            ax.plot(lim, lim, "k-", lw=0.8)
+            ax.plot(lim, [v * 1.1 for v in lim], "k:", lw=0.6)
+            ax.plot(lim, [v * 0.9 for v in lim], "k:", lw=0.6)
+            ax.set(xscale="log", yscale="log", xlabel="predicted e2e (ms)", ylabel="measured e2e (ms)",
+                   title=f"latency model vs lab: {within}/{len(rows)} within 10%")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(args.plot, dpi=110)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
