@@ -213,7 +213,9 @@ class EdgeServer:
                 if msg.envelope.kind is Kind.PING:
                     reply = Envelope(Kind.PONG, msg.envelope.device, msg.envelope.seq,
                                      times_ns={"edge_recv_ns": recv_ns})
-                    channel.send(self.sock, reply, limits=self.limits, route=route)
+                    # A tensor named "echo" comes back: the profiler measures the downlink with it.
+                    echo = {k: v for k, v in msg.tensors.items() if k == "echo"}
+                    channel.send(self.sock, reply, echo, limits=self.limits, route=route)
                     continue
                 try:
                     self.jobs.put(self.admit(route or b"", msg.envelope, msg.tensors, recv_ns))

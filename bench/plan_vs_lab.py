@@ -62,15 +62,16 @@ def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60) 
 
 
 def measure(lab: Lab, edge: str, head: Path, tail: Path, pid: str, data: Path, batch: int, factor: float,
-            out: Path) -> float:
+            out: Path) -> dict[str, float]:
     argv = [sys.executable, "-m", "agents.device", "infer", "--edge", edge, "--device-id", "dev1",
             "--head", str(head), "--tail", str(tail), "--partition", pid, "--data", str(data),
             "--batch-size", str(batch), "--threads", "1", "--slowdown", f"{factor:.4f}", "--out", str(out)]
     proc = subprocess.run(lab.command_in("dev1", argv), capture_output=True, text=True, timeout=900, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"agent failed: {proc.stderr[-800:]}")
-    e2e = json.loads(out.read_text())["stages_ms"]["e2e"]
-    return float(np.median(e2e[2:]))  # the first requests warm the connection up
+    stages = json.loads(out.read_text())["stages_ms"]
+    # The first requests warm the connection up.
+    return {k: round(float(np.median(v[2:])), 3) for k, v in stages.items()}
 
 
 def main() -> int:
@@ -133,13 +134,15 @@ def main() -> int:
                             for a, b in splits:
                                 head, tail = cache.partition(model, weights_hash, a, b)
                                 pid = str(PartitionId(weights_hash, a, b))
-                                measured = measure(lab, endpoint, head, tail, pid, data, args.batch, factor,
-                                                   tmp / "result.json")
+                                measured_stages = measure(lab, endpoint, head, tail, pid, data, args.batch, factor,
+                                                          tmp / "result.json")
+                                measured = measured_stages["e2e"]
                                 predicted, stages = device_time(problem, 0, a, b, 1.0)
                                 row = {"link": link_name, "device_class": cls_name, "model": name, "a": a, "b": b,
                                        "predicted_ms": round(predicted * 1000, 3), "measured_ms": round(measured, 3),
                                        "error": round(measured / (predicted * 1000) - 1, 4),
-                                       "predicted_stages_ms": {k: round(v * 1000, 3) for k, v in stages.items()}}
+                                       "predicted_stages_ms": {k: round(v * 1000, 3) for k, v in stages.items()},
+                                       "measured_stages_ms": measured_stages}
                                 rows.append(row)
                                 print(f"{link_name:10} {cls_name:15} {name:8} ({a},{b}): predicted "
                                       f"{row['predicted_ms']:9.2f} ms, measured {measured:9.2f} ms, "

@@ -78,7 +78,17 @@ def render(problem: PlanningProblem, primary: Plan, others: dict[str, Plan], con
 
 
 def plan(
-    input_path: Annotated[Path, typer.Option("--input", help="planning input (YAML or JSON); see docs/planner.md")],
+    input_path: Annotated[Path | None, typer.Option("--input", help="planning input (YAML or JSON); see "
+                                                    "docs/planner.md")] = None,
+    profiles: Annotated[list[Path] | None, typer.Option(
+        "--profiles", help="measured block profiles: the device's, then optionally the edge's (profiles/measured/)")]
+    = None,
+    devices: Annotated[int, typer.Option(min=1, help="number of devices, with --profiles")] = 4,
+    device_class: Annotated[list[str] | None, typer.Option(
+        "--device-class", help="device classes, cycled over the devices (profiles/devices/)")] = None,
+    link: Annotated[list[str] | None, typer.Option(
+        help="link profiles or measured links, cycled over the devices (profiles/links/)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="batch size to take from the profiles")] = None,
     mode: Annotated[str | None, typer.Option(help="inference or training (default: the file's, else inference)")]
     = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the plans as JSON")] = None,
@@ -87,7 +97,19 @@ def plan(
     """Choose split points and edge shares (LSCRA) minimising the round time; compare with the baselines."""
     if mode is not None and mode not in MODES:
         raise PlanningError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    problem = load_problem(input_path, mode)
+    if (input_path is None) == (not profiles):
+        raise PlanningError("give either --input FILE or --profiles DEVICE.yaml [--profiles EDGE.yaml]")
+    if profiles:
+        from testbed.profiling.problem import build_problem
+
+        if len(profiles) > 2:
+            raise PlanningError("--profiles takes the device profile and optionally the edge profile")
+        problem = build_problem(profiles[0], link or ["5g-sub6"], devices=devices, mode=mode or "inference",
+                                device_classes=device_class or (), batch_size=batch_size,
+                                edge_profile=profiles[1] if len(profiles) == 2 else None)
+    else:
+        assert input_path is not None
+        problem = load_problem(input_path, mode)
     primary, others = plans_for(problem)
     console = Console()
     m = problem.model

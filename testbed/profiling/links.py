@@ -1,0 +1,299 @@
+"""Measure a device's path to a running edge server over the real ZeroMQ protocol: round trip and throughput.
+
+What is timed, from a DEALER socket on the device side (the edge's ROUTER answers):
+
+* **round trip**: an empty PING and its PONG; the one-way delay for the planner is half the median;
+* **uplink**: a PING carrying a ``payload`` tensor of S bytes (the PONG carries none): ``t(S) = t0 + 8 S / up``;
+* **downlink**, when the edge sends payloads back: ``S`` bytes up and ``S`` bytes down, less the time the message
+  spent inside the edge (``edge_send_ns - edge_recv_ns``, both on the edge's clock), so
+  ``t(S) = t0 + 8 S / up + 8 S / down``. Two ways to get an echo:
+
+  - ``ping-echo``: a PING carrying an ``echo`` tensor answered by a PONG carrying it back. Today's edge does not
+    do this (a one-line change; see docs/profiling.md); the profiler probes for it and uses it when present;
+  - ``empty-body``: an INFER_REQUEST for the partition ``(a, a)``, whose body is empty, so the edge returns its
+    input unchanged. It needs the edge's weights hash and the activation shape at ``a``
+    (:func:`empty_body_echo`), and sizes are rounded to whole samples of that activation.
+
+Rates are the inverse slopes of least-squares lines through the per-size medians (the empty PING as size 0):
+per-message costs (header, syscalls, wake-ups) land in the intercept, and the rate is what an extra byte costs —
+which is how the planner charges activations (``bytes * 8 / rate + delay``). Exchanges are interleaved round by
+round (empty, then every size) so drift affects every size alike. Every wait is bounded by ``timeout_s`` and the
+whole measurement by ``budget_s``. This module needs numpy and pyzmq only (no torch), like a device agent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from testbed.profiling.hostfacts import host_facts
+from testbed.profiling.store import LinkMeasurement, ProfileError, Stat, utc_now
+from testbed.wire import channel
+from testbed.wire.envelope import DEFAULT_LIMITS, Envelope, Kind, WireError, WireLimits
+
+__all__ = ["DEFAULT_SIZES", "EchoTarget", "empty_body_echo", "fit_rate_bps", "measure_link"]
+
+#: Payload sizes (bytes) of the throughput probes.
+DEFAULT_SIZES: tuple[int, ...] = (64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+MAX_COUNT = 100_000
+MIN_ROUNDS = 3
+
+Clock = Callable[[], int]
+
+
+@dataclass(frozen=True)
+class EchoTarget:
+    """An empty-body partition of the edge's model: an INFER_REQUEST for it comes back unchanged.
+
+    ``partition`` is ``"<weights hash>:<a>:<a>"``; ``sample_shape`` the per-sample activation shape at ``a``
+    (float32), which the edge checks.
+    """
+
+    partition: str
+    sample_shape: tuple[int, ...]
+
+    @property
+    def sample_bytes(self) -> int:
+        return math.prod(self.sample_shape) * 4
+
+
+def empty_body_echo(model: Any, weights_hash: str) -> EchoTarget:
+    """The echo target of a BlockModel served by the edge under ``weights_hash``: the split point with the
+    largest activation (fewest samples per byte). Imports the model stack (torch) only when called."""
+    from testbed.partition import PartitionId, activation_shapes
+
+    shapes = activation_shapes(model)
+    inner = range(1, model.num_blocks)
+    a = max(inner, key=lambda p: math.prod(shapes[p]))
+    return EchoTarget(str(PartitionId(weights_hash, a, a)), tuple(shapes[a]))
+
+
+def fit_rate_bps(sizes: Sequence[int], seconds: Sequence[float]) -> float:
+    """Bits per second from the least-squares slope of ``seconds`` against ``sizes`` (bytes); inf if flat."""
+    x = np.asarray(sizes, dtype=np.float64)
+    y = np.asarray(seconds, dtype=np.float64)
+    if x.size < 2 or np.ptp(x) == 0:
+        raise ProfileError("a rate needs at least two different sizes")
+    slope = float(np.polyfit(x, y, 1)[0])
+    return 8.0 / slope if slope > 0 else math.inf
+
+
+class _Peer:
+    """One DEALER socket, request/reply with sequence matching and bounded waits."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, device: str, limits: WireLimits, timeout_s: float,
+                 clock: Clock) -> None:
+        self.endpoint, self.device, self.limits, self.timeout_s, self.clock = endpoint, device, limits, timeout_s, clock
+        self.sock = ctx.socket(zmq.DEALER)
+        channel.configure_socket(self.sock, limits, linger_ms=0)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(linger=0)
+            raise ProfileError(f"cannot connect to the edge at {endpoint!r}: {exc}") from None
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def exchange(self, kind: Kind, tensors: dict[str, np.ndarray], partition: str = "",
+                 timeout_s: float | None = None) -> tuple[float, Any]:
+        """Send one request, wait for the reply with the same seq; returns (seconds, reply message)."""
+        timeout_s = timeout_s or self.timeout_s
+        self.seq += 1
+        env = Envelope(kind, self.device, self.seq, partition=partition)
+        t0 = self.clock()
+        try:
+            channel.send(self.sock, env, tensors, limits=self.limits)
+        except WireError as exc:
+            raise ProfileError(f"cannot send a {kind.value} of {sum(t.nbytes for t in tensors.values())} bytes: "
+                               f"{exc}") from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self.sock.poll(left_ms):
+                raise ProfileError(f"no reply from the edge at {self.endpoint} within {timeout_s:g} s "
+                                   f"(is it running, and reachable from here?)")
+            try:
+                _, msg = channel.recv(self.sock, limits=self.limits)
+            except WireError as exc:
+                raise ProfileError(f"bad reply from the edge at {self.endpoint}: {exc}") from None
+            t1 = self.clock()
+            if msg.envelope.seq != self.seq:
+                continue  # a late reply to an earlier, timed-out request
+            if msg.envelope.kind is Kind.ERROR:
+                err = msg.envelope.error
+                raise ProfileError(f"the edge at {self.endpoint} answered a {kind.value} with an error: "
+                                   f"{err.code if err else '?'}: {err.message if err else ''}")
+            return (t1 - t0) * 1e-9, msg
+
+
+def _payload(nbytes: int) -> np.ndarray:
+    # A fresh buffer per message: a zero-copy frame must never be reused while it may be in flight.
+    return np.ones(nbytes, dtype=np.uint8)
+
+
+def _edge_residence_s(msg: Any) -> float:
+    times = msg.envelope.times_ns
+    if "edge_send_ns" in times and "edge_recv_ns" in times:
+        return max(0, times["edge_send_ns"] - times["edge_recv_ns"]) * 1e-9
+    return 0.0
+
+
+def _check_sizes(sizes: Sequence[int], limits: WireLimits) -> list[int]:
+    if not sizes or not all(isinstance(s, int | np.integer) and not isinstance(s, bool) and s >= 1 for s in sizes):
+        raise ProfileError(f"link sizes must be a non-empty list of byte counts >= 1, got {list(sizes)!r}")
+    out = sorted({int(s) for s in sizes})
+    if out[-1] > limits.max_message_bytes - limits.max_header_bytes:
+        raise ProfileError(f"link size {out[-1]} bytes exceeds the message cap of {limits.max_message_bytes} bytes")
+    return out
+
+
+def measure_link(
+    endpoint: str,
+    *,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    count: int = 20,
+    warmup: int = 3,
+    timeout_s: float = 5.0,
+    first_timeout_s: float = 30.0,
+    budget_s: float = 60.0,
+    echo: EchoTarget | None = None,
+    probe_ping_echo: bool = True,
+    device_id: str = "profiler",
+    limits: WireLimits = DEFAULT_LIMITS,
+    host: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    clock: Clock = time.perf_counter_ns,
+    ctx: zmq.Context | None = None,
+) -> LinkMeasurement:
+    """Measure round trip, uplink and (if the edge echoes) downlink to the edge at ``endpoint``.
+
+    ``count`` rounds of one empty PING and one exchange per size (and per size one echo when available), after
+    ``warmup`` untimed rounds. Every reply must come within ``timeout_s``, except the first empty-body echo's,
+    which may take ``first_timeout_s`` (an edge's first request loads and traces lazily: seconds on a busy
+    machine). ``echo`` enables the empty-body echo (:func:`empty_body_echo`) when the edge does not echo PING
+    payloads (probed first unless ``probe_ping_echo`` is False). The measurement stops early, keeping what it
+    has, when ``budget_s`` runs out (at least 3 rounds are needed). Raises ProfileError when the edge does not
+    answer in time, answers with an error, or the rates cannot be resolved.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+        raise ProfileError(f"count must be an integer in 1..{MAX_COUNT}, got {count!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ProfileError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if not (timeout_s > 0 and first_timeout_s > 0 and budget_s > 0):
+        raise ProfileError("timeout_s, first_timeout_s and budget_s must be > 0")
+    sizes_list = _check_sizes(sizes, limits)
+    own_ctx = ctx is None
+    ctx = ctx or zmq.Context()
+    peer = _Peer(ctx, endpoint, device_id, limits, timeout_s, clock)
+    try:
+        return _measure(peer, endpoint, sizes_list, count, warmup, max(timeout_s, first_timeout_s), budget_s, echo,
+                        probe_ping_echo, host, progress)
+    finally:
+        peer.close()
+        if own_ctx:
+            ctx.term()
+
+
+def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: int, first_timeout_s: float,
+             budget_s: float, echo: EchoTarget | None, probe_ping_echo: bool, host: dict[str, Any] | None,
+             progress: Callable[[int, int], None] | None) -> LinkMeasurement:
+    start = time.monotonic()
+    peer.exchange(Kind.PING, {})  # is anyone there? (the edge's I/O thread answers PINGs: no cold start)
+    method = "none"
+    if probe_ping_echo:
+        _, reply = peer.exchange(Kind.PING, {"echo": _payload(16)})
+        if "echo" in reply.tensors and reply.tensors["echo"].nbytes == 16:
+            method = "ping-echo"
+    if method == "none" and echo is not None:
+        n = echo.sample_bytes
+        sizes = sorted({max(1, round(s / n)) * n for s in sizes})
+        method = "empty-body"
+
+    def do_echo(nbytes: int, timeout_s: float | None = None) -> float:
+        if method == "ping-echo":
+            seconds, msg = peer.exchange(Kind.PING, {"echo": _payload(nbytes)}, timeout_s=timeout_s)
+            got = msg.tensors.get("echo")
+        else:
+            assert echo is not None
+            a1 = np.ones((nbytes // echo.sample_bytes, *echo.sample_shape), dtype=np.float32)
+            seconds, msg = peer.exchange(Kind.INFER_REQUEST, {"a1": a1}, partition=echo.partition,
+                                         timeout_s=timeout_s)
+            got = msg.tensors.get("a2")
+        if got is None or got.nbytes != nbytes:
+            raise ProfileError(f"the edge at {endpoint} did not send the {nbytes} bytes back ({method} echo)")
+        return max(0.0, seconds - _edge_residence_s(msg))
+
+    if method == "empty-body":
+        do_echo(sizes[0], first_timeout_s)  # the edge's first request: lazy loading, not the link
+
+    rtt: list[float] = []
+    up: list[list[float]] = [[] for _ in sizes]
+    back: list[list[float]] | None = [[] for _ in sizes] if method != "none" else None
+    total = warmup + count
+    done_rounds = 0
+    stopped_early = False
+    for r in range(total):
+        if r > warmup and time.monotonic() - start > budget_s:
+            stopped_early = True
+            break
+        timed = r >= warmup
+        seconds, _ = peer.exchange(Kind.PING, {})
+        if timed:
+            rtt.append(seconds)
+        for k, size in enumerate(sizes):
+            seconds, _ = peer.exchange(Kind.PING, {"payload": _payload(size)})
+            if timed:
+                up[k].append(seconds)
+            if back is not None:
+                seconds = do_echo(size)
+                if timed:
+                    back[k].append(seconds)
+        done_rounds += timed
+        if progress is not None:
+            progress(r + 1, total)
+    if done_rounds < MIN_ROUNDS:
+        raise ProfileError(f"only {done_rounds} timed round(s) fit in the time budget of {budget_s:g} s; "
+                           f"allow more time or use smaller sizes")
+    rtt_stat = Stat.of(rtt)
+    up_stats = tuple(Stat.of(s) for s in up)
+    xs = [0, *sizes]
+    up_bps = fit_rate_bps(xs, [rtt_stat.median, *(s.median for s in up_stats)])
+    if not math.isfinite(up_bps):
+        raise ProfileError(f"cannot resolve the uplink rate to {endpoint}: the largest payload ({sizes[-1]} bytes) "
+                           "took no longer than an empty message; measure with larger sizes")
+    notes = []
+    if stopped_early:
+        notes.append(f"time budget reached after {done_rounds} of {count} rounds")
+    echo_stats = None
+    down_bps: float | None = None
+    if back is not None:
+        echo_stats = tuple(Stat.of(s) for s in back)
+        both_bps = fit_rate_bps(xs, [rtt_stat.median, *(s.median for s in echo_stats)])
+        inv_down = 8.0 / both_bps - 8.0 / up_bps
+        if inv_down > 0:
+            down_bps = 8.0 / inv_down
+        else:
+            notes.append("downlink not resolved: an echo cost no more than the uplink alone (noise)")
+    else:
+        notes.append("downlink not measured: the edge does not echo payloads (see docs/profiling.md)")
+    return LinkMeasurement(
+        endpoint=endpoint,
+        rtt=rtt_stat,
+        sizes=tuple(sizes),
+        uplink_rtt=up_stats,
+        uplink_bps=up_bps,
+        downlink_bps=down_bps,
+        echo_rtt=echo_stats,
+        downlink_method=method,
+        host=host if host is not None else host_facts(probe_accelerator=False),
+        created=utc_now(),
+        notes="; ".join(notes),
+    )
