@@ -137,6 +137,9 @@ class EdgeTrainer:
         self.saved: dict[tuple[str, int], Any] = {}  # immediate modes: (device, seq) -> forward context
         self.groups: dict[int, list[tuple[tuple[int, int], list[str], torch.Tensor, torch.Tensor]]] = {}
         self.batch_of: dict[tuple[str, int], int] = {}
+        # A device may send its first forward of a segment before the edge has read the segment's
+        # round_start (two sockets, no ordering between them): such messages wait here.
+        self.parked: list[tuple[bytes, Envelope, dict[str, np.ndarray], int]] = []
         self._reset_metrics()
 
     def _reset_metrics(self) -> None:
@@ -400,6 +403,7 @@ class EdgeTrainer:
                 if reply is not None:
                     kind, rmeta, rtensors = reply
                     send_message(ctrl, kind, self.name, env.seq, meta=rmeta, tensors=rtensors, limits=CONTROL_LIMITS)
+                self.replay_parked()
 
     def _data_message(self) -> None:
         route: bytes | None = None
@@ -409,10 +413,36 @@ class EdgeTrainer:
             self.metrics["bytes_in"] += nbytes
             if self.recorder:
                 self.recorder.record("data", env, tensors)
+            if self._early(env):
+                self.parked.append((route or b"", env, tensors, recv_ns))
+                return
             self.on_data(route or b"", env, tensors, recv_ns)
         except WireError as err:
             route = err.route or route
             if route is not None:
+                reply_error(self.data, route, err, limits=DATA_LIMITS)
+
+    def _early(self, env: Envelope) -> bool:
+        """A known device's forward that arrived before the round_start scheduling it (kept: at most one each)."""
+        if env.kind is not Kind.TRAIN_FORWARD or env.device not in self.index:
+            return False
+        if self.segment is not None and env.device in self.segment.ranges:
+            return False
+        if any(e.device == env.device for _, e, _, _ in self.parked):
+            raise self.reject("not_scheduled", f"device {env.device!r} sent a second forward before its steps "
+                                               "were scheduled", env)
+        return True
+
+    def replay_parked(self) -> None:
+        """Serve the forwards that arrived before this segment's round_start (in arrival order)."""
+        if self.segment is None:
+            return
+        ready = [p for p in self.parked if p[1].device in self.segment.ranges]
+        self.parked = [p for p in self.parked if p[1].device not in self.segment.ranges]
+        for route, env, tensors, recv_ns in ready:
+            try:
+                self.on_data(route, env, tensors, recv_ns)
+            except WireError as err:
                 reply_error(self.data, route, err, limits=DATA_LIMITS)
 
 
@@ -466,4 +496,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Everything is closed and flushed by now; skip the interpreter's teardown of torch (about half a
+    # second per process, which the controller would wait for at every stop).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -8,7 +8,7 @@ from types import FrameType
 
 import typer
 
-from testbed.cli import demo, doctor, lab, link, plan, profile
+from testbed.cli import demo, doctor, lab, link, plan, profile, train
 from testbed.cli.errors import friendly_errors
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.command("demo")(friendly_errors(demo.demo))
 app.command("doctor")(friendly_errors(doctor.doctor))
 app.command("plan")(friendly_errors(plan.plan))
 app.command("profile")(friendly_errors(profile.profile))
+app.command("train")(friendly_errors(train.train))
 app.add_typer(lab.app, name="lab")
 app.add_typer(link.app, name="link")
 

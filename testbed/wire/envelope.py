@@ -75,6 +75,17 @@ class Kind(enum.StrEnum):
     ERROR = "error"
     PING = "ping"
     PONG = "pong"
+    # Split training (added after the first release; the values above are unchanged).
+    # Data plane, device <-> edge: activations up, activations down, gradients up, gradients down.
+    TRAIN_FORWARD = "train_forward"
+    TRAIN_FORWARD_REPLY = "train_forward_reply"
+    TRAIN_BACKWARD = "train_backward"
+    TRAIN_BACKWARD_REPLY = "train_backward_reply"
+    # Control plane, controller <-> training agents: run a stretch of steps; move model state.
+    ROUND_START = "round_start"
+    ROUND_END = "round_end"
+    SYNC = "sync"
+    SYNC_REPLY = "sync_reply"
 
 
 class WireError(Exception):

@@ -1,0 +1,554 @@
+"""Split-learning experiments: the YAML file, its validation, and the pure training schedule.
+
+An experiment is described first (:class:`ExperimentSpec`, a frozen dataclass built only by
+:func:`parse_experiment` / :func:`load_experiment`, which reject unknown keys, wrong types and
+impossible splits with every problem listed at once) and run second (``testbed.training.schemes``).
+Example (every key but ``scheme`` has a default)::
+
+    name: psl-iid
+    scheme: psl                 # psl | sfl | sl | centralized
+    model: {name: cnn, config: {}}
+    data:
+      dataset: fashion-mnist    # fashion-mnist | digits | auto
+      train_samples: null       # first N training images (null: all)
+      test_samples: null        # first N test images used for evaluation (null: all)
+      partition: iid            # iid | dirichlet
+      alpha: null               # dirichlet concentration (required for dirichlet)
+      min_samples: 1            # every device gets at least this many samples
+    devices: 4
+    split: [3, 7]               # (a, b) for every device, or one [a, b] per device
+    training:
+      optimizer: adam           # adam | sgd
+      lr: 0.001
+      momentum: 0.0             # sgd only
+      weight_decay: 0.0
+      batch_size: 64            # per device and step
+      epochs: 1
+      rounds_per_epoch: 4       # a round ends with FedAvg (sfl), evaluation and a checkpoint
+      seed: 0
+      fedavg_every: 0           # psl: average the device-side models every K steps (0: never)
+      mode: sync                # psl: sync | async
+    runtime:                    # how, not what: not part of the experiment's identity
+      edge_threads: 1
+      device_threads: 1
+      eval_threads: 1
+      eval_batch_size: 500
+      timeout_s: 600
+      export_onnx: true
+
+The schedule (which device runs which steps in which round) is a pure function of the spec and the
+shard sizes: see :func:`plan_round`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from testbed.errors import TestbedError
+
+__all__ = [
+    "DATASETS",
+    "MODES",
+    "OPTIMIZERS",
+    "SCHEMES",
+    "DataSpec",
+    "ExperimentError",
+    "ExperimentSpec",
+    "ModelSpec",
+    "RoundPlan",
+    "RuntimeSpec",
+    "Segment",
+    "SegmentPart",
+    "TrainingSpec",
+    "batch_order",
+    "load_experiment",
+    "parse_experiment",
+    "plan_round",
+    "steps_per_epoch",
+]
+
+SCHEMES = ("psl", "sfl", "sl", "centralized")
+OPTIMIZERS = ("adam", "sgd")
+DATASETS = ("fashion-mnist", "digits", "auto")
+PARTITIONS = ("iid", "dirichlet")
+MODES = ("sync", "async")
+MAX_DEVICES = 64
+
+
+class ExperimentError(TestbedError):
+    """The experiment file is invalid; the message lists every problem, one per line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "cnn"
+    config: tuple[tuple[str, Any], ...] = ()  # build_model kwargs, sorted by key
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.config)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    dataset: str = "fashion-mnist"
+    train_samples: int | None = None
+    test_samples: int | None = None
+    partition: str = "iid"
+    alpha: float | None = None
+    min_samples: int = 1
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 1
+    rounds_per_epoch: int = 4
+    seed: int = 0
+    fedavg_every: int = 0
+    mode: str = "sync"
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    edge_threads: int = 1
+    device_threads: int = 1
+    eval_threads: int = 1
+    eval_batch_size: int = 500
+    timeout_s: float = 600.0
+    export_onnx: bool = True
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """A validated experiment. ``splits`` holds one ``(a, b)`` per device (empty for centralized)."""
+
+    name: str
+    scheme: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    devices: int = 1
+    splits: tuple[tuple[int, int], ...] = ()
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    num_blocks: int = 0  # L of the model, filled in by validation
+
+    @property
+    def device_names(self) -> tuple[str, ...]:
+        return tuple(f"dev{i + 1}" for i in range(self.devices)) if self.scheme != "centralized" else ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; ``parse_experiment(spec.to_dict())`` gives the spec back."""
+        d = asdict(self)
+        d["model"] = {"name": self.model.name, "config": self.model.kwargs()}
+        if self.splits:
+            d["split"] = [list(s) for s in self.splits]
+        del d["splits"], d["num_blocks"]
+        return d
+
+    def identity_hash(self) -> str:
+        """Hash of everything that decides the result (not ``name`` or ``runtime``): resume checks it."""
+        d = self.to_dict()
+        del d["name"], d["runtime"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(f"{path}: {message}" if path else message)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _mapping(p: _Problems, path: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        p.add(path, f"expected a mapping, got {_kind(value)} {value!r}")
+        return {}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(allowed)}"
+            p.add(f"{path}.{key}" if path else str(key), f"unknown key{hint}")
+            continue
+        out[key] = item
+    return out
+
+
+def _int(p: _Problems, path: str, value: Any, default: int | None, low: int, high: int | None = None,
+         nullable: bool = False) -> int | None:
+    if value is None and (nullable or default is not None):
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        p.add(path, f"expected an integer, got {_kind(value)} {value!r}")
+        return default
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        p.add(path, f"must be {bound}, got {value}")
+        return default
+    return int(value)
+
+
+def _float(p: _Problems, path: str, value: Any, default: float | None, low: float, strict: bool = False,
+           nullable: bool = False) -> float | None:
+    if value is None and (nullable or default is not None):
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        p.add(path, f"expected a finite number, got {_kind(value)} {value!r}")
+        return default
+    if float(value) < low or (strict and float(value) == low):
+        p.add(path, f"must be {'>' if strict else '>='} {low}, got {value}")
+        return default
+    return float(value)
+
+
+def _choice(p: _Problems, path: str, value: Any, default: str, choices: tuple[str, ...]) -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in choices:
+        p.add(path, f"expected one of {', '.join(choices)}, got {value!r}")
+        return default
+    return value
+
+
+def _bool(p: _Problems, path: str, value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        p.add(path, f"expected true or false, got {_kind(value)} {value!r}")
+        return default
+    return value
+
+
+def _model_blocks(p: _Problems, model: ModelSpec) -> int:
+    """L of the model, built on the meta device (no weights); 0 after reporting a problem."""
+    import torch
+
+    from testbed.errors import ModelError
+    from testbed.models import build_model
+
+    try:
+        with torch.device("meta"):
+            return build_model(model.name, **model.kwargs()).num_blocks
+    except ModelError as exc:
+        p.add("model", str(exc))
+    except TypeError as exc:
+        p.add("model.config", str(exc))
+    return 0
+
+
+def _splits(p: _Problems, value: Any, devices: int, num_blocks: int) -> tuple[tuple[int, int], ...]:
+    example = "expected [a, b] (one split for every device) or a list of one [a, b] per device"
+
+    def pair(path: str, item: Any) -> tuple[int, int] | None:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            p.add(path, f"{example}, got {item!r}")
+            return None
+        a, b = item
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (a, b)):
+            p.add(path, f"a and b must be integers, got {item!r}")
+            return None
+        a, b = int(a), int(b)
+        if num_blocks and not 1 <= a < b <= num_blocks - 1:
+            p.add(path, f"impossible split [{a}, {b}] for a model of L={num_blocks} blocks: need "
+                        f"1 <= a < b <= {num_blocks - 1} (head = blocks[0:a] and tail = blocks[b:L] on the "
+                        "device, a non-empty body blocks[a:b] on the edge)")
+            return None
+        return (a, b)
+
+    if value is None:
+        p.add("split", f"required for split schemes: {example}")
+        return ()
+    if not isinstance(value, list | tuple) or not value:
+        p.add("split", f"{example}, got {value!r}")
+        return ()
+    if all(isinstance(v, list | tuple) for v in value):
+        if len(value) != devices:
+            p.add("split", f"{len(value)} splits given for {devices} devices")
+            return ()
+        pairs = [pair(f"split[{i}]", v) for i, v in enumerate(value)]
+        return tuple(x for x in pairs if x is not None) if all(pairs) else ()
+    one = pair("split", value)
+    return (one,) * devices if one else ()
+
+
+def parse_experiment(data: Any, source: str = "<experiment>", default_name: str = "experiment") -> ExperimentSpec:
+    """Validate a parsed YAML/JSON document; raise ExperimentError listing every problem."""
+    p = _Problems()
+    top = _mapping(p, "", data, ("name", "scheme", "model", "data", "devices", "split", "training", "runtime"))
+    if data is not None and not isinstance(data, Mapping):
+        raise ExperimentError(f"{source}: the experiment must be a YAML mapping, got {_kind(data)}")
+
+    name = top.get("name", default_name)
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+        p.add("name", f"expected a short name of letters, digits, '-', '_' or '.', got {name!r}")
+        name = default_name
+    if "scheme" not in top:
+        p.add("scheme", f"required: one of {', '.join(SCHEMES)}")
+    scheme = _choice(p, "scheme", top.get("scheme"), "psl", SCHEMES)
+
+    m = _mapping(p, "model", top.get("model"), ("name", "config"))
+    model_name = m.get("name", "cnn")
+    if not isinstance(model_name, str):
+        p.add("model.name", f"expected a string, got {_kind(model_name)}")
+        model_name = "cnn"
+    config = m.get("config") or {}
+    if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
+        p.add("model.config", f"expected a mapping of constructor arguments, got {config!r}")
+        config = {}
+    model = ModelSpec(model_name, tuple(sorted(config.items())))
+
+    d = _mapping(p, "data", top.get("data"),
+                 ("dataset", "train_samples", "test_samples", "partition", "alpha", "min_samples"))
+    partition = _choice(p, "data.partition", d.get("partition"), "iid", PARTITIONS)
+    alpha = _float(p, "data.alpha", d.get("alpha"), None, 0.0, strict=True, nullable=True)
+    if partition == "dirichlet" and alpha is None and d.get("alpha") is None:
+        p.add("data.alpha", "required for the dirichlet partition (e.g. 0.5)")
+    if partition == "iid" and alpha is not None:
+        p.add("data.alpha", "only applies to the dirichlet partition")
+    data_spec = DataSpec(
+        dataset=_choice(p, "data.dataset", d.get("dataset"), "fashion-mnist", DATASETS),
+        train_samples=_int(p, "data.train_samples", d.get("train_samples"), None, 1, nullable=True),
+        test_samples=_int(p, "data.test_samples", d.get("test_samples"), None, 1, nullable=True),
+        partition=partition,
+        alpha=alpha,
+        min_samples=_int(p, "data.min_samples", d.get("min_samples"), 1, 1) or 1,
+    )
+
+    devices = _int(p, "devices", top.get("devices"), 1, 1, MAX_DEVICES) or 1
+
+    t = _mapping(p, "training", top.get("training"), tuple(f.name for f in TrainingSpec.__dataclass_fields__.values()))
+    defaults = TrainingSpec()
+    optimizer = _choice(p, "training.optimizer", t.get("optimizer"), defaults.optimizer, OPTIMIZERS)
+    momentum = _float(p, "training.momentum", t.get("momentum"), 0.0, 0.0) or 0.0
+    if optimizer != "sgd" and momentum:
+        p.add("training.momentum", "only applies to optimizer: sgd")
+    fedavg_every = _int(p, "training.fedavg_every", t.get("fedavg_every"), 0, 0) or 0
+    mode = _choice(p, "training.mode", t.get("mode"), "sync", MODES)
+    if scheme != "psl":
+        if fedavg_every:
+            p.add("training.fedavg_every", f"only applies to psl ({scheme} "
+                  + ("averages every round)" if scheme == "sfl" else "has no device-side averaging)"))
+        if mode != "sync":
+            p.add("training.mode", "only psl has an asynchronous mode")
+    training = TrainingSpec(
+        optimizer=optimizer,
+        lr=_float(p, "training.lr", t.get("lr"), defaults.lr, 0.0, strict=True) or defaults.lr,
+        momentum=momentum,
+        weight_decay=_float(p, "training.weight_decay", t.get("weight_decay"), 0.0, 0.0) or 0.0,
+        batch_size=_int(p, "training.batch_size", t.get("batch_size"), defaults.batch_size, 1, 65536) or 1,
+        epochs=_int(p, "training.epochs", t.get("epochs"), defaults.epochs, 1, 10000) or 1,
+        rounds_per_epoch=_int(p, "training.rounds_per_epoch", t.get("rounds_per_epoch"),
+                              defaults.rounds_per_epoch, 1, 100000) or 1,
+        seed=_int(p, "training.seed", t.get("seed"), 0, 0, 2**32 - 1) or 0,
+        fedavg_every=fedavg_every,
+        mode=mode,
+    )
+
+    r = _mapping(p, "runtime", top.get("runtime"), tuple(RuntimeSpec.__dataclass_fields__))
+    rd = RuntimeSpec()
+    runtime = RuntimeSpec(
+        edge_threads=_int(p, "runtime.edge_threads", r.get("edge_threads"), rd.edge_threads, 1, 256) or 1,
+        device_threads=_int(p, "runtime.device_threads", r.get("device_threads"), rd.device_threads, 1, 256) or 1,
+        eval_threads=_int(p, "runtime.eval_threads", r.get("eval_threads"), rd.eval_threads, 1, 256) or 1,
+        eval_batch_size=_int(p, "runtime.eval_batch_size", r.get("eval_batch_size"), rd.eval_batch_size, 1) or 1,
+        timeout_s=_float(p, "runtime.timeout_s", r.get("timeout_s"), rd.timeout_s, 0.0, strict=True) or 1.0,
+        export_onnx=_bool(p, "runtime.export_onnx", r.get("export_onnx"), rd.export_onnx),
+    )
+
+    num_blocks = _model_blocks(p, model)
+    splits: tuple[tuple[int, int], ...] = ()
+    if scheme == "centralized":
+        if top.get("split") is not None:
+            p.add("split", "centralized training has no split; remove it")
+    else:
+        splits = _splits(p, top.get("split"), devices, num_blocks)
+        if scheme == "sfl" and len(set(splits)) > 1:
+            p.add("split", "sfl needs one split for all devices (its body copies are averaged)")
+
+    if p.lines:
+        raise ExperimentError(f"{source} is not a valid experiment:\n  " + "\n  ".join(p.lines))
+    return ExperimentSpec(
+        name=name, scheme=scheme, model=model, data=data_spec, devices=devices,
+        splits=splits, training=training, runtime=runtime, num_blocks=num_blocks,
+    )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects duplicate keys (plain YAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_experiment(path: Path) -> ExperimentSpec:
+    """Read and validate an experiment YAML file (the name defaults to the file's stem)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ExperimentError(f"cannot read experiment file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ExperimentError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        raise ExperimentError(f"{path} is empty")
+    return parse_experiment(data, source=str(path), default_name=path.stem)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule (pure)
+
+
+@dataclass(frozen=True)
+class SegmentPart:
+    """Device ``device`` (an index) runs its epoch-local steps ``[first, end)``; step ``s`` has seq
+    ``seq0 + s - first``."""
+
+    device: int
+    first: int
+    end: int
+    seq0: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Steps run without a pause; parts of a parallel segment run at the same time, in lockstep."""
+
+    epoch: int
+    parts: tuple[SegmentPart, ...]
+    fedavg_after: bool = False
+
+    @property
+    def steps(self) -> int:
+        return max((p.end - p.first for p in self.parts), default=0)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int
+    epoch: int
+    segments: tuple[Segment, ...]
+    epoch_progress: float  # epochs completed at the end of this round (e.g. 1.25)
+
+
+def _batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def steps_per_epoch(scheme: str, sizes: list[int], batch_size: int) -> int:
+    """Synchronous steps in one epoch: parallel schemes take the longest shard, sl walks every shard in turn."""
+    if scheme in ("psl", "sfl"):
+        return max(_batches(n, batch_size) for n in sizes)
+    if scheme == "sl":
+        return sum(_batches(n, batch_size) for n in sizes)
+    if scheme == "centralized":
+        return _batches(sum(sizes), batch_size)
+    raise ExperimentError(f"unknown scheme {scheme!r}")
+
+
+def _round_range(r: int, steps: int, rounds_per_epoch: int) -> tuple[int, int, int]:
+    epoch, j = divmod(r, rounds_per_epoch)
+    return epoch, j * steps // rounds_per_epoch, (j + 1) * steps // rounds_per_epoch
+
+
+def plan_round(
+    scheme: str, sizes: list[int], batch_size: int, rounds_per_epoch: int, fedavg_every: int, r: int
+) -> RoundPlan:
+    """What runs in round ``r``: a pure function of the scheme, the shard sizes and the training spec.
+
+    Every epoch has ``S = steps_per_epoch(...)`` steps, cut into ``rounds_per_epoch`` rounds of
+    ``S / rounds_per_epoch`` steps, so round ``r`` covers the same share of an epoch in every scheme.
+    psl/sfl: in epoch step ``s`` every device with a ``s``-th batch runs it, all at once; a psl
+    segment ends every ``fedavg_every`` global steps with a FedAvg. sl: device 0 runs all its
+    batches, then device 1, ... (a segment per device turn). centralized: one "device" holding all data.
+    """
+    if rounds_per_epoch < 1 or batch_size < 1 or not sizes or min(sizes) < 1:
+        raise ExperimentError("plan_round needs rounds_per_epoch >= 1, batch_size >= 1 and non-empty shards")
+    steps = steps_per_epoch(scheme, sizes, batch_size)
+    if steps < rounds_per_epoch:
+        raise ExperimentError(
+            f"training.rounds_per_epoch={rounds_per_epoch} is more than the {steps} steps in an epoch "
+            f"(batch size {batch_size}, shards of {min(sizes)}..{max(sizes)} samples); lower it"
+        )
+    epoch, lo, hi = _round_range(r, steps, rounds_per_epoch)
+    base = epoch * steps
+    segments: list[Segment] = []
+    if scheme in ("psl", "sfl"):
+        cuts = [lo]
+        if scheme == "psl" and fedavg_every > 0:
+            first = -(-(base + lo + 1) // fedavg_every) * fedavg_every - base  # next multiple of K after lo
+            cuts += list(range(first, hi, fedavg_every))
+        cuts.append(hi)
+        for s0, s1 in itertools.pairwise(cuts):
+            if s1 <= s0:
+                continue
+            parts = tuple(
+                SegmentPart(d, s0, min(s1, _batches(n, batch_size)), base + s0)
+                for d, n in enumerate(sizes)
+                if s0 < _batches(n, batch_size)
+            )
+            fedavg = scheme == "psl" and fedavg_every > 0 and (base + s1) % fedavg_every == 0
+            segments.append(Segment(epoch, parts, fedavg))
+    elif scheme == "sl":
+        offset = 0
+        for d, n in enumerate(sizes):
+            k = _batches(n, batch_size)
+            s0, s1 = max(lo - offset, 0), min(hi - offset, k)
+            if s0 < s1:
+                segments.append(Segment(epoch, (SegmentPart(d, s0, s1, base + offset + s0),)))
+            offset += k
+    else:  # centralized
+        segments.append(Segment(epoch, (SegmentPart(0, lo, hi, base + lo),)))
+    progress = epoch + hi / steps
+    return RoundPlan(r, epoch, tuple(segments), round(progress, 6))
+
+
+def batch_order(seed: int, stream: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which a device (``stream`` = its index; centralized uses 0) visits its ``n`` samples in an epoch."""
+    return np.random.default_rng([seed, stream, epoch]).permutation(n)
