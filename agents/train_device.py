@@ -212,7 +212,7 @@ class DeviceTrainer:
             return got, {k: max(v, 0.0) for k, v in legs.items()}
 
 
-def _send_error(sock: zmq.Socket, name: str, code: str, message: str) -> None:
+def send_error(sock: zmq.Socket, name: str, code: str, message: str) -> None:
     try:
         frames = encode(error_envelope(code, message[:4000], device=name, seq=0), {}, CONTROL_LIMITS)
         sock.send_multipart(frames, copy=True)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TestbedError, WireError) as exc:
         print(f"train-device {args.name}: {exc}", file=sys.stderr, flush=True)
         if ctrl is not None:
-            _send_error(ctrl, args.name, "train_failed", f"{exc}")
+            send_error(ctrl, args.name, "train_failed", f"{exc}")
         code = 2
     finally:
         if trainer is not None and trainer.data is not None:

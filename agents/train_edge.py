@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import zmq
 
-from agents.train_device import Interrupted, _send_error, control_socket
+from agents.train_device import Interrupted, control_socket, send_error
 from testbed.errors import TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TestbedError, WireError) as exc:
         print(f"train-edge: {exc}", file=sys.stderr, flush=True)
         if ctrl is not None:
-            _send_error(ctrl, args.name, "train_failed", str(exc))
+            send_error(ctrl, args.name, "train_failed", str(exc))
         code = 2
     finally:
         if edge is not None:

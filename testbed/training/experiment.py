@@ -29,9 +29,9 @@ Example (every key but ``scheme`` has a default)::
       fedavg_every: 0           # psl: average the device-side models every K steps (0: never)
       mode: sync                # psl: sync | async
     runtime:                    # how, not what: not part of the experiment's identity
-      edge_threads: 1
-      device_threads: 1
-      eval_threads: 1
+      edge_threads: 1           # torch threads of the edge
+      device_threads: 1         # torch threads of each device trainer (and of centralized training)
+      eval_threads: 1           # torch threads of the controller's evaluation
       eval_batch_size: 500
       timeout_s: 600
       export_onnx: true

@@ -385,14 +385,13 @@ def save_checkpoint(path: Path, spec: ExperimentSpec, state: RunState, init_hash
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_checkpoint(path: Path, spec: ExperimentSpec) -> tuple[RunState, str]:
+def check_identity(path: Path, spec: ExperimentSpec) -> dict[str, str]:
+    """The checkpoint's metadata, after checking that it belongs to this experiment (reads no tensors)."""
     from safetensors import safe_open
-    from safetensors.numpy import load_file
 
     try:
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
     except Exception as exc:
         raise RunFailed(f"cannot read checkpoint {path}: {exc}") from exc
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -402,6 +401,17 @@ def load_checkpoint(path: Path, spec: ExperimentSpec) -> tuple[RunState, str]:
             f"{path} belongs to a different experiment (the model, data or training settings changed); "
             "resume with the same YAML, or start afresh with --fresh"
         )
+    return meta
+
+
+def load_checkpoint(path: Path, spec: ExperimentSpec) -> tuple[RunState, str]:
+    from safetensors.numpy import load_file
+
+    meta = check_identity(path, spec)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise RunFailed(f"cannot read checkpoint {path}: {exc}") from exc
     parties: dict[str, dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
         party, name = key.split("#", 1)
@@ -876,6 +886,8 @@ def run_experiment(
             stale.unlink(missing_ok=True)
     if ckpt.exists() and not resume:
         raise RunFailed(f"{run_dir} already holds a checkpoint; pass --resume to continue it or --fresh to start over")
+    if resume and ckpt.exists():
+        check_identity(ckpt, spec)  # before anything in the run directory is rewritten
     prep = prepare(spec, run_dir)
     state = RunState()
     if resume and ckpt.exists():
