@@ -32,6 +32,7 @@ import zmq
 
 from testbed.errors import TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.onnx_runtime import cpu_session
 from testbed.wire import channel
 from testbed.wire.envelope import Envelope, Kind, WireError, WireLimits
 
@@ -44,17 +45,6 @@ class EdgeUnavailable(TestbedError):
 
 class Interrupted(TestbedError):
     """SIGTERM or SIGINT arrived while a request was in flight."""
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors for missing or corrupt files
-        raise TestbedError(f"cannot load ONNX model {path}: {exc}") from exc
 
 
 @dataclass
@@ -256,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 1.0 <= args.slowdown <= 1000.0:
             raise TestbedError("--slowdown must be between 1 and 1000")
         split = _split_of(args.partition)
-        head, tail = _session(args.head, args.threads), _session(args.tail, args.threads)
+        head, tail = cpu_session(args.head, args.threads), cpu_session(args.tail, args.threads)
         x, y = load_local_data(args.data)
         limits = WireLimits(max_message_bytes=int(args.max_message_mb * 2**20))
         if split[0] != split[1]:

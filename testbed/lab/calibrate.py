@@ -24,12 +24,10 @@ HEAD_SPLIT = 5  # the CNN's first five blocks: convolutions, the bulk of a devic
 
 def _worker(head: str, iterations: int) -> None:
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(head, sess_options=opts, providers=["CPUExecutionProvider"])
+    from testbed.onnx_runtime import cpu_session
+
+    session = cpu_session(head, threads=1)
     x = np.random.default_rng(0).standard_normal((1, 1, 28, 28), dtype=np.float32)
     for _ in range(20):
         session.run(None, {"x": x})

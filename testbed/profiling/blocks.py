@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from testbed.errors import TestbedError
 from testbed.models.blocks import BlockModel
 from testbed.models.weights import state_hash
+from testbed.onnx_runtime import cpu_session
 from testbed.partition import activation_shapes
 from testbed.profiling.hostfacts import host_facts
 from testbed.profiling.store import RUNTIMES, BatchTimings, BlockProfile, ProfileError, Stat, utc_now
@@ -150,16 +151,7 @@ class _Samples:
 
 
 def _ort_session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own untyped errors
-        raise ProfileError(f"onnxruntime cannot load {path}: {exc}") from None
+    return cpu_session(path, threads, error=ProfileError)
 
 
 def _export_graphs(model: BlockModel, workdir: Path, method: str, counter: _Counter) -> tuple[list[Path], Path]:
