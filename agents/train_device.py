@@ -35,18 +35,20 @@ from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
 from testbed.training.experiment import ExperimentSpec, batch_order
 from testbed.training.schemes import (
-    CONTROL_LIMITS,
-    DATA_LIMITS,
     Party,
     ProtocolError,
     device_blocks,
     load_spec_json,
+)
+from testbed.wire.codec import encode, error_envelope
+from testbed.wire.envelope import Kind, WireError
+from testbed.wire.messages import (
+    CONTROL_LIMITS,
+    DATA_LIMITS,
     recv_message,
     send_message,
     unpack_meta,
 )
-from testbed.wire.codec import encode, error_envelope
-from testbed.wire.envelope import Kind, WireError
 
 STAGES = ("head_fwd", "up_a1", "edge_wait_fwd", "body_fwd", "down_a2", "tail", "up_g2", "edge_wait_bwd",
           "body_bwd", "down_g1", "head_bwd", "other")

@@ -42,21 +42,23 @@ from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
 from testbed.training.experiment import ExperimentSpec
 from testbed.training.schemes import (
-    CONTROL_LIMITS,
-    DATA_LIMITS,
-    META,
     Party,
     ProtocolError,
     edge_blocks,
     edge_copies,
     fedavg,
     load_spec_json,
+)
+from testbed.wire.channel import reply_error
+from testbed.wire.envelope import Envelope, Kind, WireError
+from testbed.wire.messages import (
+    CONTROL_LIMITS,
+    DATA_LIMITS,
+    META,
     recv_message,
     send_message,
     unpack_meta,
 )
-from testbed.wire.channel import reply_error
-from testbed.wire.envelope import Envelope, Kind, WireError
 
 
 class Rejected(WireError):

@@ -34,8 +34,15 @@ from torch import nn
 from testbed.errors import TestbedError
 from testbed.models import BlockModel, build_model
 from testbed.models.weights import atomic_write_bytes, save_weights, state_hash
-from testbed.wire.codec import decode, encode
-from testbed.wire.envelope import Envelope, Kind, WireError, WireLimits
+from testbed.wire.envelope import Kind, WireError
+from testbed.wire.messages import (
+    CONTROL_LIMITS,
+    DATA_LIMITS,
+    META,
+    recv_message,
+    send_message,
+    unpack_meta,
+)
 
 from testbed.training.experiment import (  # isort: skip
     ExperimentError,
@@ -57,14 +64,8 @@ __all__ = [
     "run_experiment",
 ]
 
-# ---------------------------------------------------------------------------------------------
-# Control protocol (shared with agents/train_edge.py and agents/train_device.py)
-
-#: Activations of a large batch can be big; state messages carry many tensors with long names.
-DATA_LIMITS = WireLimits(max_message_bytes=1 << 30)
-CONTROL_LIMITS = WireLimits(max_message_bytes=1 << 30, max_header_bytes=16 << 20, max_tensors=1 << 16)
-META = "meta"
-_MAX_META_BYTES = 1 << 20
+# Messages (send_message, recv_message, META, the limits) live in testbed.wire.messages, shared with the
+# controller's control plane and the training agents.
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "1"
 
@@ -75,71 +76,6 @@ class ProtocolError(TestbedError):
 
 class RunFailed(TestbedError):
     """A training run stopped before its end; the message says how to resume."""
-
-
-def pack_meta(meta: Mapping[str, Any]) -> np.ndarray:
-    """A JSON object as a uint8 tensor (the envelope has no free-form field; this keeps it pickle-free)."""
-    raw = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    if len(raw) > _MAX_META_BYTES:
-        raise ProtocolError(f"control metadata of {len(raw)} bytes exceeds {_MAX_META_BYTES}")
-    return np.frombuffer(raw, dtype=np.uint8)
-
-
-def unpack_meta(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    arr = tensors.get(META)
-    if arr is None:
-        return {}
-    if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size > _MAX_META_BYTES:
-        raise ProtocolError(f"'{META}' must be a 1-D uint8 tensor of at most {_MAX_META_BYTES} bytes")
-    try:
-        meta = json.loads(arr.tobytes().decode())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"'{META}' is not a JSON object: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise ProtocolError(f"'{META}' must be a JSON object")
-    return meta
-
-
-def send_message(
-    sock: zmq.Socket,
-    kind: Kind,
-    sender: str,
-    seq: int,
-    *,
-    meta: Mapping[str, Any] | None = None,
-    tensors: Mapping[str, np.ndarray] | None = None,
-    partition: str = "",
-    times: Mapping[str, int] | None = None,
-    route: bytes | None = None,
-    limits: WireLimits = CONTROL_LIMITS,
-) -> int:
-    """Encode and send; return the bytes put on the wire (header and tensor frames, not the route)."""
-    payload: dict[str, np.ndarray] = dict(tensors or {})
-    if meta is not None:
-        payload[META] = pack_meta(meta)
-    frames = encode(Envelope(kind, sender, seq, partition, times_ns=dict(times or {})), payload, limits)
-    nbytes = sum(memoryview(f).nbytes for f in frames)
-    if route is not None:
-        frames.insert(0, route)
-    sock.send_multipart(frames, copy=False)
-    return nbytes
-
-
-def recv_message(
-    sock: zmq.Socket, *, routed: bool = False, limits: WireLimits = CONTROL_LIMITS
-) -> tuple[bytes | None, Envelope, dict[str, np.ndarray], int]:
-    """Receive and validate one message: ``(route, envelope, tensors, bytes)``; raises WireError."""
-    frames = sock.recv_multipart(copy=False)
-    route = None
-    if routed:
-        route, frames = frames[0].bytes, frames[1:]
-    nbytes = sum(len(f) for f in frames)
-    try:
-        msg = decode(frames, limits)
-    except WireError as err:
-        err.route = route
-        raise
-    return route, msg.envelope, msg.tensors, nbytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,13 +66,14 @@ def one_thread() -> Iterator[None]:
 
 
 def test_meta_and_state_round_trip() -> None:
-    from testbed.training.schemes import Party, ProtocolError, pack_meta, unpack_meta
+    from testbed.training.schemes import Party, ProtocolError
+    from testbed.wire.messages import MetaError, pack_meta, unpack_meta
 
     meta = {"op": "load", "parts": {"dev1": [0, 4]}, "x": 1.5}
     assert unpack_meta({"meta": pack_meta(meta)}) == meta
-    with pytest.raises(ProtocolError, match="JSON object"):
+    with pytest.raises(MetaError, match="JSON object"):
         unpack_meta({"meta": np.frombuffer(b"[1, 2]", np.uint8)})
-    with pytest.raises(ProtocolError, match="uint8"):
+    with pytest.raises(MetaError, match="uint8"):
         unpack_meta({"meta": np.zeros(3, np.float32)})
     spec = experiment(scheme="psl", devices=2, split=[3, 7], training={"optimizer": "sgd", "momentum": 0.9})
     a = Party(spec, ["main"], [0, 1, 2, 7, 8, 9])
@@ -111,8 +112,8 @@ def test_edge_admission_and_a_forward_that_overtakes_its_round_start() -> None:
     import zmq
 
     from agents.train_edge import EdgeTrainer
-    from testbed.training.schemes import DATA_LIMITS, recv_message, send_message
     from testbed.wire.envelope import Kind
+    from testbed.wire.messages import DATA_LIMITS, recv_message, send_message
 
     spec = experiment(scheme="psl", devices=2, split=[3, 7])
     ctx = zmq.Context()
