@@ -40,20 +40,24 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-# Debian's Fashion-MNIST; without it (and without root) the demo falls back to scikit-learn's digits.
+# Debian packages the demo and the tests use: Fashion-MNIST (without it the demo falls back to scikit-learn's
+# digits), Prometheus + promtool (metrics and dashboard tests), openssh-server (real sshd in the lab's hosts).
+# Installed when we are root (or have passwordless sudo); otherwise the tests that need them are skipped.
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus openssh-server
 system-deps:
-	@if [ ! -e $(FASHION_MNIST) ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian package dataset-fashion-mnist"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null \
-	      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; } \
-	      || echo "could not install dataset-fashion-mnist: the demo uses scikit-learn's digits instead"; \
-	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
-	    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null \
-	      || echo "could not install dataset-fashion-mnist: the demo uses scikit-learn's digits instead"; \
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else sudo="none"; fi; \
+	  if [ "$$sudo" != none ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+	      || { $$sudo apt-get update -q >/dev/null && $$sudo env DEBIAN_FRONTEND=noninteractive \
+	           apt-get install -y -q --no-install-recommends $$missing >/dev/null; } \
+	      || echo "could not install$$missing: the tests that need them are skipped"; \
 	  else \
-	    echo "note: dataset-fashion-mnist is not installed (needs root: apt-get install dataset-fashion-mnist);" \
-	         "the demo uses scikit-learn's digits instead"; \
+	    echo "note: not installed:$$missing (needs root: apt-get install$$missing);" \
+	         "the demo uses scikit-learn's digits without Fashion-MNIST, the tests that need the others are skipped"; \
 	  fi; \
 	fi
 

@@ -29,9 +29,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import zmq
+from prometheus_client import CollectorRegistry
 
 from testbed.errors import TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.metrics.common import register_build_info, register_process_metrics
+from testbed.metrics.device import DeviceMetrics
+from testbed.metrics.exporter import Exporter, start_exporter
 from testbed.onnx_runtime import cpu_session
 from testbed.wire import channel
 from testbed.wire.envelope import Envelope, Kind, WireError, WireLimits
@@ -41,6 +45,10 @@ STAGES = ("head", "uplink", "queue", "body", "downlink", "tail", "e2e")
 
 class EdgeUnavailable(TestbedError):
     """The edge did not answer in time, or answered with an error."""
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason  # timeout, refused or malformed: the failure metric's label
 
 
 class Interrupted(TestbedError):
@@ -91,8 +99,12 @@ class SplitClient:
         timeout_s: float,
         stop: threading.Event | None = None,
         slowdown: float = 1.0,
+        metrics: DeviceMetrics | None = None,
     ) -> None:
         self.stop = stop or threading.Event()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.set_partition(partition, *_split_of(partition))
         self.slowdown = slowdown
         self.head, self.tail, self.sock = head, tail, sock
         self.device_id, self.partition = device_id, partition
@@ -109,13 +121,21 @@ class SplitClient:
             a2 = a1
             times.update(uplink=0.0, queue=0.0, body=0.0, downlink=0.0)
         else:
-            a2, net = self._body(a1)
+            try:
+                a2, net = self._body(a1)
+            except EdgeUnavailable as exc:
+                if self.metrics is not None:
+                    self.metrics.observe_failure(exc.reason)
+                raise
             times.update(net)
         t2 = time.perf_counter_ns()
         logits = self.tail.run(["logits"], {"a2": a2})[0]
         self._dilate(t2)
         t3 = time.perf_counter_ns()
         times.update(tail=(t3 - t2) / 1e6, e2e=(t3 - t0) / 1e6)
+        if self.metrics is not None:
+            sent = (a1.nbytes, a2.nbytes) if self.sock is not None else (0, 0)
+            self.metrics.observe_request({s: ms / 1e3 for s, ms in times.items()}, *sent)
         return logits, times
 
     def _dilate(self, start_ns: int) -> None:
@@ -123,9 +143,17 @@ class SplitClient:
 
         A CPU quota only slows sustained work; sleeping (slowdown - 1) times the compute time makes every
         request as slow as on the emulated device, and uses 1/slowdown of a core, which the quota allows.
+        time.sleep overshoots by tens of microseconds whatever it is asked (timer slack; about 75 µs on the CI
+        VM), an artefact of the emulation that no real device has: sleep to 200 µs short of the deadline, then
+        spin to it (bounded by the deadline).
         """
         if self.slowdown > 1.0:
-            time.sleep((time.perf_counter_ns() - start_ns) * (self.slowdown - 1.0) / 1e9)
+            now = time.perf_counter_ns()
+            deadline = now + int((now - start_ns) * (self.slowdown - 1.0))
+            if deadline - now > 200_000:
+                time.sleep((deadline - now - 200_000) / 1e9)
+            while time.perf_counter_ns() < deadline:
+                pass
 
     def _body(self, a1: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         assert self.sock is not None
@@ -139,13 +167,14 @@ class SplitClient:
             if self.stop.is_set():
                 raise Interrupted("stopped while waiting for the edge")
             if remaining <= 0:
-                raise EdgeUnavailable(f"no reply from the edge within {self.timeout_ms} ms (seq {self.seq})")
+                raise EdgeUnavailable(f"no reply from the edge within {self.timeout_ms} ms (seq {self.seq})",
+                                      "timeout")
             if not self.sock.poll(min(remaining, 100)):  # short slices: a stop request is seen at once
                 continue
             try:
                 _, reply = channel.recv(self.sock, limits=self.limits)
             except WireError as exc:
-                raise EdgeUnavailable(f"the edge sent a malformed reply: {exc}") from exc
+                raise EdgeUnavailable(f"the edge sent a malformed reply: {exc}", "malformed") from exc
             recv_ns = time.time_ns()
             env = reply.envelope
             if env.seq != self.seq:
@@ -153,9 +182,9 @@ class SplitClient:
             if env.kind is Kind.ERROR:
                 detail = env.error.message if env.error else "no detail"
                 code = env.error.code if env.error else "?"
-                raise EdgeUnavailable(f"the edge refused the request: {code}: {detail}")
+                raise EdgeUnavailable(f"the edge refused the request: {code}: {detail}", "refused")
             if env.kind is not Kind.INFER_REPLY or "a2" not in reply.tensors:
-                raise EdgeUnavailable(f"unexpected reply kind {env.kind.value} from the edge")
+                raise EdgeUnavailable(f"unexpected reply kind {env.kind.value} from the edge", "malformed")
             t = env.times_ns
             try:
                 net = {
@@ -165,7 +194,7 @@ class SplitClient:
                     "downlink": (recv_ns - t["edge_send_ns"]) / 1e6,
                 }
             except KeyError as exc:
-                raise EdgeUnavailable(f"the edge's reply lacks timestamp {exc}") from exc
+                raise EdgeUnavailable(f"the edge's reply lacks timestamp {exc}", "malformed") from exc
             return reply.tensors["a2"], net
 
 
@@ -222,7 +251,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     inf.add_argument("--slowdown", type=float, default=1.0,
                      help="stretch head and tail compute by this factor (a lab device's class, vs this host)")
     inf.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) dies")
+    add_metrics_args(inf)
+    inf.add_argument("--metrics-hold-s", type=float, default=0.0,
+                     help="after the last request keep serving metrics this long (or until SIGTERM), "
+                          "so a scraper sees the final values")
+    from agents.device_service import add_serve_args  # imported late: it imports this module
+
+    add_serve_args(sub)
     return p.parse_args(argv)
+
+
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one; "
+                                                    "default: no metrics)")
+    p.add_argument("--metrics-bind", default="127.0.0.1", help="address of the metrics endpoint")
+
+
+def start_metrics(args: argparse.Namespace, device_class: str = "unknown") -> tuple[DeviceMetrics | None,
+                                                                                   Exporter | None]:
+    """The device's metrics and their HTTP endpoint, when --metrics-port was given (else None, None)."""
+    if args.metrics_port is None:
+        return None, None
+    registry = CollectorRegistry()
+    register_build_info(registry, "device", {"onnxruntime": ort.__version__, "numpy": np.__version__})
+    register_process_metrics(registry)
+    metrics = DeviceMetrics(registry, args.device_id, device_class)
+    exporter = start_exporter(registry, args.metrics_bind, args.metrics_port)
+    print(f"testbed-agent {args.device_id}: metrics on {exporter.url}", flush=True)
+    return metrics, exporter
 
 
 def _split_of(partition: str) -> tuple[int, int]:
@@ -235,14 +291,22 @@ def _split_of(partition: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "serve":
+        from agents.device_service import serve
+
+        return serve(args)
     if args.parent_pid:
         die_with_parent(expected_parent=args.parent_pid)
     stop = stop_event_on_signals()
     ctx = zmq.Context()
     sock: zmq.Socket | None = None
+    exporter: Exporter | None = None
     try:
         if args.batch_size < 1:
             raise TestbedError("--batch-size must be at least 1")
+        if not 0.0 <= args.metrics_hold_s <= 86400.0:
+            raise TestbedError("--metrics-hold-s must be between 0 and 86400")
+        metrics, exporter = start_metrics(args)
         if not 1.0 <= args.slowdown <= 1000.0:
             raise TestbedError("--slowdown must be between 1 and 1000")
         split = _split_of(args.partition)
@@ -254,13 +318,17 @@ def main(argv: list[str] | None = None) -> int:
             channel.configure_socket(sock, limits)
             sock.connect(args.edge)
         client = SplitClient(head, tail, sock, args.device_id, args.partition, limits, args.timeout_s, stop,
-                             args.slowdown)
+                             args.slowdown, metrics)
         result = run_inference(client, x, y, args.batch_size, split, stop)
     except Interrupted:
         print(f"testbed-agent {args.device_id}: stopped", file=sys.stderr)
+        if exporter is not None:
+            exporter.close()
         return 130
     except TestbedError as exc:
         print(f"testbed-agent {args.device_id}: {exc}", file=sys.stderr)
+        if exporter is not None:
+            exporter.close()
         return 2
     finally:
         if sock is not None:
@@ -271,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, args.out)
     accuracy = result.correct / max(result.samples, 1)
     print(f"testbed-agent {args.device_id}: {result.samples} samples, accuracy {accuracy:.4f}", flush=True)
-    return 130 if stop.is_set() else 0
+    interrupted = stop.is_set()
+    if exporter is not None:
+        stop.wait(args.metrics_hold_s)  # the work is done: a SIGTERM here is a normal end
+        exporter.close()
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

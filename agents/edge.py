@@ -23,10 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import zmq
+from prometheus_client import CollectorRegistry
 
+from agents.edge_control import add_control_args, start_control
 from agents.scheduler import FairScheduler, SharesError, parse_shares
 from testbed.errors import PartitionError, TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.metrics.common import register_build_info, register_process_metrics
+from testbed.metrics.edge import EdgeMetrics
+from testbed.metrics.exporter import Exporter, start_exporter
 from testbed.models import BlockModel
 from testbed.models.weights import load_weights
 from testbed.partition import PartitionId, activation_shape, check_split
@@ -86,7 +91,11 @@ class EdgeServer:
         stop: threading.Event,
         max_batch: int = 4096,
         shares: Mapping[str, float] | None = None,
+        metrics: EdgeMetrics | None = None,
     ) -> None:
+        self.metrics = metrics  # None: no metrics
+        if metrics is not None and shares:
+            metrics.set_shares(shares)
         self.runner = runner
         self.weights_hash = weights_hash
         self.sock = socket
@@ -145,8 +154,13 @@ class EdgeServer:
                     err = RequestRejected("compute_failed", f"body blocks [{job.a}, {job.b}) failed: {exc}")
                     reply = error_envelope(err.code, err.message, device=job.request.device, seq=job.request.seq)
                     self.done.put(Done(job.route, reply, {}))
+                    if self.metrics is not None:
+                        self.metrics.observe_rejected(err.code)
                 else:
                     end_ns = time.time_ns()
+                    if self.metrics is not None:
+                        self.metrics.observe_request(job.request.device, (start_ns - job.recv_ns) / 1e9,
+                                                     (end_ns - start_ns) / 1e9, job.activations.nbytes, a2.nbytes)
                     reply = Envelope(
                         kind=Kind.INFER_REPLY,
                         device=job.request.device,
@@ -224,6 +238,8 @@ class EdgeServer:
                     raise
             except WireError as err:
                 self.rejected += 1
+                if self.metrics is not None:
+                    self.metrics.observe_rejected(err.code)
                 route = getattr(err, "route", None) or route
                 if route is not None:
                     channel.reply_error(self.sock, route, err, limits=self.limits)
@@ -265,7 +281,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shares", default="", help="edge compute shares, DEVICE=WEIGHT,... (relative; default equal)")
     p.add_argument("--ready-file", type=Path, help="written (JSON: endpoint, pid, device) once serving")
     p.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) dies")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one; "
+                                                    "default: no metrics)")
+    p.add_argument("--metrics-bind", default="127.0.0.1", help="address of the metrics endpoint")
+    add_control_args(p)
     return p.parse_args(argv)
+
+
+def start_metrics(args: argparse.Namespace, model: str, weights_hash: str,
+                  device: torch.device) -> tuple[EdgeMetrics | None, Exporter | None]:
+    """The edge's metrics and their HTTP endpoint, when --metrics-port was given (else None, None)."""
+    if args.metrics_port is None:
+        return None, None
+    registry = CollectorRegistry()
+    cuda = torch.version.cuda or "none"
+    register_build_info(registry, "edge", {"torch": torch.__version__, "cuda": cuda})
+    register_process_metrics(registry)
+    metrics = EdgeMetrics(registry)
+    metrics.set_info(model, weights_hash, str(device))
+    return metrics, start_exporter(registry, args.metrics_bind, args.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,15 +329,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"testbed-edge: cannot bind {args.bind}: {exc}", file=sys.stderr)
         return 2
     endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    server = EdgeServer(BodyRunner(model, device), weights_hash, sock, ctx, limits, stop, shares=shares)
+    try:
+        metrics, exporter = start_metrics(args, model.name, weights_hash, device)
+    except TestbedError as exc:
+        print(f"testbed-edge: {exc}", file=sys.stderr)
+        sock.close(linger=0)
+        ctx.term()
+        return 2
+    server = EdgeServer(BodyRunner(model, device), weights_hash, sock, ctx, limits, stop, shares=shares,
+                        metrics=metrics)
     print(f"testbed-edge: serving {model.name} ({weights_hash[:16]}) on {endpoint}, device {device}", flush=True)
+    ready: dict[str, object] = {"endpoint": endpoint, "pid": os.getpid(), "device": str(device)}
+    if exporter is not None:
+        print(f"testbed-edge: metrics on {exporter.url}", flush=True)
+        ready["metrics_url"] = exporter.url
     if args.ready_file:
-        _write_ready(args.ready_file, {"endpoint": endpoint, "pid": os.getpid(), "device": str(device)})
+        _write_ready(args.ready_file, ready)
+    control = start_control(args, ctx, server, metrics)
     try:
         server.serve()
     finally:
+        if control is not None:
+            control.__exit__(None, None, None)
         sock.close(linger=1000)
         ctx.term()
+        if exporter is not None:
+            exporter.close()
     print(f"testbed-edge: stopped after {server.served} replies, {server.rejected} rejected messages", flush=True)
     return 0
 

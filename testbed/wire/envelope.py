@@ -86,6 +86,14 @@ class Kind(enum.StrEnum):
     ROUND_END = "round_end"
     SYNC = "sync"
     SYNC_REPLY = "sync_reply"
+    # Controller control plane (agents and the edge dial the controller; see docs/controller.md).
+    REGISTER = "register"
+    REGISTERED = "registered"
+    HEARTBEAT = "heartbeat"
+    COMMAND = "command"
+    COMMAND_REPLY = "command_reply"
+    STATUS = "status"
+    STATUS_REPLY = "status_reply"
 
 
 class WireError(Exception):
