@@ -12,7 +12,7 @@ from rich.table import Table
 
 from testbed.cli.errors import friendly_errors
 from testbed.lab.lab import Lab
-from testbed.lab.state import DEFAULT_STATE_DIR, StateStore
+from testbed.lab.state import DEFAULT_STATE_DIR, LabState, StateStore
 from testbed.lab.topology import DEFAULT_PREFIX, LabError
 from testbed.net.link import load_link_profile
 
@@ -34,6 +34,7 @@ def up(
     link: Annotated[str, typer.Option(help="link profile (profiles/links/NAME.yaml) or a YAML path")] = "5g-sub6",
     device_class: Annotated[str | None, typer.Option(help="device class (profiles/devices/NAME.yaml)")] = None,
     backend: Annotated[str, typer.Option(help="auto, netem or delay-line")] = "auto",
+    ssh: Annotated[bool, typer.Option(help="a real sshd (key-only) in every host, and an Ansible inventory")] = False,
     prefix: PrefixOpt = DEFAULT_PREFIX,
     state_dir: StateOpt = DEFAULT_STATE_DIR,
 ) -> None:
@@ -41,13 +42,33 @@ def up(
     if backend not in ("auto", "netem", "delay-line"):
         raise LabError(f"--backend must be auto, netem or delay-line, not {backend!r}")
     profile = load_link_profile(link)
-    state = lab_for(prefix, state_dir).up(devices, profile.name, profile.spec,
-                                          None if backend == "auto" else backend,  # type: ignore[arg-type]
-                                          device_class)
+    the_lab = lab_for(prefix, state_dir)
+    state = the_lab.up(devices, profile.name, profile.spec,
+                       None if backend == "auto" else backend,  # type: ignore[arg-type]
+                       device_class, ssh=ssh)
     topo = state.topology
     Console().print(f"lab {topo.prefix} up: edge {topo.edge.address} and {len(topo.devices)} device(s) on "
                     f"{topo.subnet}, link {profile.name}, backend {topo.backend}"
                     + (f", device class {device_class}" if device_class else ""))
+    if ssh:
+        _print_ssh_help(the_lab, state)
+
+
+def _print_ssh_help(the_lab: Lab, state: LabState) -> None:
+    """Write the lab's Ansible inventory and say how to reach the hosts (from the switch namespace)."""
+    from testbed.remote.inventory import dump_inventory, lab_inventory
+
+    access = the_lab.ssh_access()
+    topo = state.topology
+    access.inventory.write_text(dump_inventory(lab_inventory(topo, access.client_key, access.known_hosts,
+                                                             the_lab.store.run_dir(topo.prefix))))
+    dev = topo.devices[0]
+    typer.echo(f"sshd (key-only) on every host; client key {access.client_key}, known hosts {access.known_hosts}\n"
+               f"  ssh:     ip netns exec {topo.switch_ns} ssh -i {access.client_key} "
+               f"-o UserKnownHostsFile={access.known_hosts} root@{dev.address}\n"
+               f"  remote:  testbed remote facts all -i {access.inventory}   (dials from {topo.switch_ns} itself)\n"
+               f"  ansible: ip netns exec {topo.switch_ns} ansible-playbook -i {access.inventory} ansible/agent.yml "
+               f"-e testbed_wheelhouse=DIR")
 
 
 @app.command()

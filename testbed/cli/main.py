@@ -8,7 +8,7 @@ from types import FrameType
 
 import typer
 
-from testbed.cli import demo, doctor, lab, link, plan, profile, train
+from testbed.cli import controller, demo, doctor, lab, link, plan, profile, remote, status, train
 from testbed.cli.errors import friendly_errors
 
 app = typer.Typer(
@@ -22,8 +22,11 @@ app.command("doctor")(friendly_errors(doctor.doctor))
 app.command("plan")(friendly_errors(plan.plan))
 app.command("profile")(friendly_errors(profile.profile))
 app.command("train")(friendly_errors(train.train))
+app.command("status")(friendly_errors(status.status))
 app.add_typer(lab.app, name="lab")
 app.add_typer(link.app, name="link")
+app.add_typer(remote.app, name="remote")
+app.add_typer(controller.app, name="controller")
 
 
 _MAIN_PID = os.getpid()

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from testbed.lab import hosts
+from testbed.lab import hosts, sshd
 from testbed.lab.calibrate import load_correction
 from testbed.lab.cgroups import CpuGroup, find_cpu_cgroup_root, quota_for
 from testbed.lab.delaylines import DelayLineControl, start_delay_line
@@ -42,7 +42,7 @@ class Lab:
 
     # ---- up ----
     def up(self, devices: int, link_name: str, link: LinkSpec, backend: Backend | None = None,
-           device_class: str | None = None, agent_threads: int = 1) -> LabState:
+           device_class: str | None = None, agent_threads: int = 1, ssh: bool = False) -> LabState:
         hosts.require_root()
         existing = self.store.load(self.prefix)
         if existing is not None or any(ns.startswith(f"{self.prefix}-") for ns in hosts.list_namespaces()):
@@ -55,6 +55,8 @@ class Lab:
         self.store.save(state)
         try:
             self._build(state, link, agent_threads)
+            if ssh:
+                self._start_sshd(state)
         except BaseException:
             self.down()
             raise
@@ -96,6 +98,19 @@ class Lab:
             self.store.save(state)
             group.create(quota_for(slowdown(cls, host_speed), cores=min(cls.cores, agent_threads),
                                    correction=load_correction(self.store.dir)))
+
+    def ssh_access(self) -> sshd.SshAccess:
+        return sshd.access_for(self.store.run_dir(self.prefix), self.prefix)
+
+    def _start_sshd(self, state: LabState) -> None:
+        """A real sshd in every host but the switch, each written to the record before it starts."""
+        access = self.ssh_access()
+        sshd.prepare(access, state.topology)
+        for host in state.topology.hosts:
+            state.processes.append(ProcessRecord(sshd.record_name(host), 0, 0, str(access.pidfile(host))))
+            self.store.save(state)
+            state.processes[-1] = sshd.start(access, host, lambda argv, h=host: self.command_in(h.name, argv))
+            self.store.save(state)
 
     def cgroup_relative(self, dev: LabHost) -> str:
         return f"{self.prefix}-lab/{dev.name}"
@@ -161,7 +176,10 @@ class Lab:
             out["hosts"].append(entry)
         out["delay_lines"] = [
             {"name": p.name, "pid": p.pid, "alive": _same_process(p)} for p in state.processes
+            if not p.name.startswith("sshd-")
         ]
+        out["sshd"] = [{"name": p.name, "pid": p.pid, "alive": _same_process(p)} for p in state.processes
+                       if p.name.startswith("sshd-")]
         out["cgroups"] = state.cgroups
         return out
 
@@ -174,7 +192,8 @@ class Lab:
         pattern = re.compile(rf"{re.escape(self.prefix)}-(lab|edge|dev\d+)\Z")
         namespaces = set(state.namespaces if state else [])
         namespaces |= {ns for ns in hosts.list_namespaces() if pattern.match(ns)}
-        for record in state.processes if state else []:
+        for recorded in state.processes if state else []:
+            record = sshd.resolve(recorded)  # an sshd written down before its pid was known
             if _same_process(record):
                 _terminate([record.pid])
                 removed.append(f"process {record.name} ({record.pid})")

@@ -1,0 +1,1 @@
+"""Real devices over SSH (paramiko): inventory, facts, deployment, agents, link shaping."""
