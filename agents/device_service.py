@@ -99,9 +99,9 @@ class DeviceService:
     """The state behind the handlers: deployed partitions, the current one, the workload, samples."""
 
     def __init__(self, device_id: str, work_dir: Path, stop: threading.Event, threads: int = 1,
-                 metrics: DeviceMetrics | None = None) -> None:
+                 metrics: DeviceMetrics | None = None, slowdown: float = 1.0) -> None:
         self.device_id, self.work_dir, self.stop = device_id, work_dir, stop
-        self.threads, self.metrics = threads, metrics
+        self.threads, self.metrics, self.slowdown = threads, metrics, slowdown
         self.lock = threading.Lock()
         self.deployed: dict[str, Loaded] = {}
         self.current: str | None = None
@@ -208,7 +208,7 @@ class DeviceService:
             loaded = self.deployed[partition]
         a, b = split_of(partition)
         client = SplitClient(loaded.head, loaded.tail, sock if a < b else None, self.device_id, partition, limits,
-                             work.args["timeout_s"], stop=work.stop, metrics=self.metrics)
+                             work.args["timeout_s"], stop=work.stop, slowdown=self.slowdown, metrics=self.metrics)
         if old is not None:
             client.seq = old.seq  # one sequence per socket: a late reply can never match a new request
         return client
@@ -264,7 +264,8 @@ class DeviceService:
             work.failed += 1
             work.failures[exc.reason] += 1
             if len(work.records) < MAX_RECORDS:
-                work.records.append({"partition": partition, "ok": False, "error": str(exc)})
+                work.records.append({"t_s": round(wall, 6), "partition": partition, "ok": False,
+                                     "error": str(exc)})
             return
         work.requests += 1
         work.by_partition[partition] += 1
@@ -284,7 +285,7 @@ class DeviceService:
         }
         self.pending_samples.append(sample)
         if len(work.records) < MAX_RECORDS:
-            work.records.append({"partition": partition, "ok": True,
+            work.records.append({"t_s": round(wall, 6), "partition": partition, "ok": True,
                                  "stages_ms": {s: round(times_ms[s], 4) for s in STAGES}})
 
 
@@ -297,6 +298,8 @@ def add_serve_args(sub: Any) -> None:
     srv.add_argument("--work-dir", type=Path, default=Path("agent-work"), help="where deployed partitions go")
     srv.add_argument("--heartbeat-s", type=float, default=1.0)
     srv.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    srv.add_argument("--slowdown", type=float, default=1.0,
+                     help="stretch head and tail compute by this factor (a lab device's class, vs this host)")
     srv.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) dies")
     add_metrics_args(srv)
 
@@ -309,13 +312,18 @@ def serve(args: argparse.Namespace) -> int:
     try:
         if not 1 <= args.threads <= 256:
             raise TestbedError("--threads must be between 1 and 256")
+        if not 1.0 <= args.slowdown <= 1000.0:
+            raise TestbedError("--slowdown must be between 1 and 1000")
         metrics, exporter = start_metrics(args, args.device_class or "unknown")
     except TestbedError as exc:
         print(f"testbed-agent {name}: {exc}", file=sys.stderr)
         return 2
     ctx = zmq.Context.instance()
-    service = DeviceService(name, args.work_dir, stop, args.threads, metrics)
+    service = DeviceService(name, args.work_dir, stop, args.threads, metrics, args.slowdown)
     facts = host_facts(probe_accelerator=False)
+    facts["slowdown"] = args.slowdown
+    if exporter is not None:
+        facts["metrics_url"] = exporter.url  # so the controller can point a Prometheus at it
     try:
         with ControlClient(ctx, args.controller, name, "device", handlers=service.handlers(), status=service.status,
                            samples=service.take_samples, device_class=args.device_class, facts=facts,

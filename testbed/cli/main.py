@@ -8,7 +8,7 @@ from types import FrameType
 
 import typer
 
-from testbed.cli import controller, demo, doctor, lab, link, plan, profile, remote, status, train
+from testbed.cli import controller, demo, doctor, lab, link, plan, profile, remote, run, status, train
 from testbed.cli.errors import friendly_errors
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("plan")(friendly_errors(plan.plan))
 app.command("profile")(friendly_errors(profile.profile))
 app.command("train")(friendly_errors(train.train))
 app.command("status")(friendly_errors(status.status))
+app.command("run")(friendly_errors(run.run))
 app.add_typer(lab.app, name="lab")
 app.add_typer(link.app, name="link")
 app.add_typer(remote.app, name="remote")

@@ -1,0 +1,436 @@
+"""`testbed run EXPERIMENT.yaml`: one experiment from its file to its results.
+
+validate the spec -> weights, planning problem, initial plan, data shards -> place the processes (loopback or
+lab) -> controller + exporter, edge, one device agent per device; wait for registration -> deploy every
+device's head and tail, set the edge shares -> start the workloads -> every `planner.evaluate_every`: feed the
+data plane's timings to the live estimator, apply due link changes, re-plan on the live problem (only the
+devices that are up) and move the splits the decision changes (deploy, then set_split; requests in flight finish
+on the old partition) -> stop, collect every request's record -> requests.csv, decisions.jsonl, summary.json and
+latency.png in the output directory. Everything started is stopped on the way out, also on Ctrl-C or SIGTERM
+(they arrive as KeyboardInterrupt) and on errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.controller import prepare, results
+from testbed.controller.api import Controller, ControllerTimeout
+from testbed.controller.estimates import EstimateError, LiveEstimator, RequestTiming
+from testbed.controller.placement import Placement, placement_for
+from testbed.controller.protocol import split_of
+from testbed.controller.registry import Change
+from testbed.controller.replan import Decision, Replanner, problem_with_estimates
+from testbed.controller.runspec import RunSpec
+from testbed.controller.server import CommandFailed
+from testbed.errors import TestbedError
+from testbed.planning.model import Plan
+from testbed.supervisor import Child, ProcessGroup
+
+Say = Callable[[str], None]
+RESULT_FILES = ("requests.csv", "decisions.jsonl", "summary.json", "latency.png")
+RECENT = 40  # e2e samples per device behind the live p50
+
+
+class RunError(TestbedError):
+    """The run could not be carried out (a process failed, nodes did not register, ...)."""
+
+
+@dataclass(frozen=True)
+class DeviceProgress:
+    device: str
+    up: bool
+    split: tuple[int, int] | None
+    p50_ms: float | None  # over the last RECENT requests
+    requests: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    phase: str
+    elapsed_s: float
+    duration_s: float | None
+    devices: tuple[DeviceProgress, ...]
+    replans: int
+    reason: str
+
+
+@dataclass
+class _State:
+    """What the loop keeps between evaluations."""
+
+    t0_wall: float = 0.0
+    t0: float = 0.0
+    splits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    up: set[str] = field(default_factory=set)
+    recent: dict[str, deque[float]] = field(default_factory=dict)
+    events: list[results.Event] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    replans: int = 0
+    dropped_samples: int = 0
+    reason: str = ""
+
+
+class Run:
+    """One experiment; :meth:`execute` does it all and returns the summary."""
+
+    def __init__(self, spec: RunSpec, *, say: Say = print, progress: Callable[[Progress], None] | None = None,
+                 state_dir: Path | None = None, cache_dir: Path | None = None, heartbeat_s: float = 1.0,
+                 register_timeout_s: float = 120.0) -> None:
+        if spec.mode != "inference":
+            raise RunError("mode: training is run by `testbed train EXPERIMENT.yaml` for now; `testbed run` runs "
+                           "inference experiments")
+        assert spec.workload is not None
+        if spec.placement.kind == "inventory":
+            placement_for(spec)  # refuses, with a pointer, before anything is trained or exported
+        self.spec, self.say, self.on_progress = spec, say, progress
+        self.state_dir, self.cache_dir = state_dir, cache_dir or prepare.default_cache_dir()
+        self.heartbeat_s, self.register_timeout_s = heartbeat_s, register_timeout_s
+        self.ids = [d.id for d in spec.devices]
+        self.st = _State()
+        self.changes: queue.Queue[Change] = queue.Queue()
+        self.readmitted: set[str] = set()
+        self._ctl: Controller | None = None
+        self._edge_endpoint = ""
+
+    # ---- the whole run ----
+    def execute(self) -> dict[str, Any]:
+        spec, out = self.spec, self.spec.output
+        out.mkdir(parents=True, exist_ok=True)
+        for name in RESULT_FILES:
+            (out / name).unlink(missing_ok=True)
+        self.problem = prepare.build_run_problem(spec)  # cheap, and the likeliest to refuse: first
+        dataset = None
+        if prepare.needs_dataset(spec):
+            from testbed.training.datasets import load_dataset
+
+            assert spec.workload is not None
+            dataset = load_dataset(spec.workload.dataset)
+        weights = prepare.load_run_weights(spec, dataset, self.cache_dir, self.say)
+        self.partitions = prepare.Partitions(weights, self.cache_dir)
+        self.replanner = Replanner(spec.planner.policy(), fixed=spec.fixed_splits)
+        first = self.replanner.evaluate(self.problem, 0.0)
+        self.say("initial plan: " + _describe(first.plan))
+        for d in first.plan.devices:
+            self.partitions.get(d.a, d.b)  # export before anything starts
+        shards = prepare.write_shards(spec, dataset, out / "data") if dataset is not None else {}
+        self.estimator = LiveEstimator(spec.planner.estimator(), self.problem.model)
+        with contextlib.ExitStack() as stack:
+            placement = placement_for(spec, self.state_dir, self.say)
+            stack.callback(placement.close)
+            group = stack.enter_context(ProcessGroup(out / "logs"))
+            ctl = stack.enter_context(Controller(placement.controller_bind, run_dir=out,
+                                                 heartbeat_s=self.heartbeat_s))
+            ctl.on_change(self.changes.put)
+            self._ctl = ctl
+            if spec.metrics.enabled:
+                stack.callback(self._start_exporter(ctl).close)
+                if spec.metrics.prometheus:
+                    self.say("metrics.prometheus: `testbed run` does not start a Prometheus server yet; the "
+                             "exporters run (agents' URLs are in their registration facts, `metrics_url`)")
+            edge, edge_endpoint = self._start_processes(placement, group, ctl, weights, out)
+            self._deploy_initial(ctl, first)
+            (out / "pids.json").write_text(json.dumps(group.pids()))
+            end_s = self._workload(ctl, group, edge, edge_endpoint, placement, shards, first)
+            reports = self._collect(ctl)
+        return self._write(reports, end_s, weights)
+
+    # ---- setup ----
+    def _start_exporter(self, ctl: Controller):  # -> Exporter
+        from prometheus_client import CollectorRegistry
+
+        from testbed.metrics.controller import ControllerCollector
+        from testbed.metrics.exporter import start_exporter
+
+        registry = CollectorRegistry()
+        registry.register(ControllerCollector(ctl.snapshot))
+        exporter = start_exporter(registry, self.spec.metrics.bind, 0)
+        self.say(f"controller metrics on {exporter.url}")
+        return exporter
+
+    def _start_processes(self, placement: Placement, group: ProcessGroup, ctl: Controller, weights: Any,
+                         out: Path) -> tuple[Child, str]:
+        spec, py, me = self.spec, sys.executable, str(os.getpid())
+        metrics = ["--metrics-port", "0", "--metrics-bind", "127.0.0.1"] if spec.metrics.enabled else []
+        ready = out / "edge-ready.json"
+        ready.unlink(missing_ok=True)
+        edge = group.start("edge", placement.wrap("edge", [
+            py, "-m", "agents.edge", "--weights", str(weights.path), "--bind", placement.edge_bind,
+            "--device", spec.edge.device, "--threads", str(spec.edge.threads), "--ready-file", str(ready),
+            "--controller", ctl.endpoint, "--heartbeat-s", str(self.heartbeat_s), "--parent-pid", me, *metrics]))
+        info = group.wait_ready(edge, ready, timeout_s=self.register_timeout_s)
+        self.say(f"edge up on {info['endpoint']} ({info['device']}, {placement.description})")
+        agents = []
+        for dev in spec.devices:
+            argv = [py, "-m", "agents.device", "serve", "--controller", ctl.endpoint, "--device-id", dev.id,
+                    "--device-class", dev.device_class.name if dev.device_class else "",
+                    "--work-dir", str((out / "agents" / dev.id).resolve()), "--heartbeat-s", str(self.heartbeat_s),
+                    "--parent-pid", me, *metrics, *placement.agent_args(dev)]
+            agents.append(group.start(dev.id, placement.wrap(placement.host_of(dev.id), argv)))
+        deadline = time.monotonic() + self.register_timeout_s
+        while True:
+            group.check_alive([edge, *agents])
+            try:
+                ctl.wait_for(len(self.ids), timeout_s=0.5)
+                break
+            except ControllerTimeout as exc:
+                if time.monotonic() > deadline:
+                    raise RunError(f"nodes did not register within {self.register_timeout_s:g} s: {exc}; "
+                                   f"see {out / 'logs'}") from None
+        self.st.up = set(self.ids)
+        with contextlib.suppress(queue.Empty):
+            while True:  # the registrations just waited for are not membership changes of the run
+                self.changes.get_nowait()
+        self.say(f"{len(self.ids)} device agent(s) registered: {', '.join(self.ids)}")
+        return edge, str(info["endpoint"])
+
+    def _deploy_initial(self, ctl: Controller, decision: Decision) -> None:
+        for d in decision.plan.devices:
+            pid, head, tail = self.partitions.get(d.a, d.b)
+            ctl.deploy(d.device, head, tail, pid, activate=True)
+            self.st.splits[d.device] = (d.a, d.b)
+        self._set_shares(ctl, decision.plan)
+        self.st.decisions.append(_decision_record(decision, 0.0))
+
+    # ---- the workload and the re-planning loop ----
+    def _workload(self, ctl: Controller, group: ProcessGroup, edge: Child, edge_endpoint: str,
+                  placement: Placement, shards: dict[str, Path], first: Decision) -> float:
+        spec, st = self.spec, self.st
+        work = spec.workload
+        assert work is not None
+        st.t0_wall, st.t0 = time.time(), time.monotonic()
+        for e in (results.Event(0.0, "split", d.device, f"{d.a}:{d.b}", "initial plan") for d in first.plan.devices):
+            st.events.append(e)
+        self.replanner.adopt(first.plan, 0.0)
+        self._edge_endpoint = edge_endpoint
+        self._start_args: dict[str, dict[str, Any]] = {}
+        for i, dev in enumerate(spec.devices):
+            args: dict[str, Any] = {"seed": i}
+            if dev.id in shards:
+                args["data"] = str(shards[dev.id])
+            for key, value in (("requests", work.requests), ("rate_rps", work.rate_rps)):
+                if value is not None:
+                    args[key] = value
+            self._start_args[dev.id] = args
+            timed = {} if work.duration_s is None else {"duration_s": work.duration_s}
+            ctl.start_workload(dev.id, edge_endpoint, batch_size=work.batch_size, **timed, **args)
+        self.say(f"workloads started on {len(self.ids)} device(s)")
+        pending = list(spec.link_changes)
+        expected = work.duration_s if work.duration_s is not None else None
+        limit_s = (work.duration_s or 0.0) + 120.0 if work.duration_s else 3600.0
+        every = spec.planner.evaluate_every_s
+        next_eval = every
+        while True:
+            now = time.monotonic() - st.t0
+            group.check_alive([edge])
+            while pending and pending[0].at_s <= now:
+                change = pending.pop(0)
+                placement.set_link(change.device, change.link)
+                t = time.time() - st.t0_wall
+                st.events.append(results.Event(round(t, 3), "link", change.device, change.link.name))
+                st.decisions.append({"t_s": round(t, 3), "event": "link_change", "device": change.device,
+                                     "link": change.link.name})
+                self.say(f"t={t:.1f} s: {change.device} link -> {change.link.name}")
+            self._observe(ctl, now)
+            membership = self._membership(now)
+            if now >= next_eval or membership:
+                next_eval = now + every
+                self._evaluate(ctl, now, membership)
+            self._progress("running", now, expected)
+            if self._finished(ctl, now):
+                break
+            if now > limit_s:
+                raise RunError(f"the workloads did not finish within {limit_s:g} s")
+            wait = min(next_eval, pending[0].at_s if pending else math.inf) - (time.monotonic() - st.t0)
+            time.sleep(min(max(wait, 0.01), 0.25))
+        return time.time() - st.t0_wall
+
+    def _finished(self, ctl: Controller, now: float) -> bool:
+        if now < 2 * self.heartbeat_s:
+            return False  # the first heartbeats after start carry "running"
+        for view in ctl.nodes():
+            if view.role == "device" and view.name in self.st.up and view.status.get("running", True):
+                return False
+        return True
+
+    def _observe(self, ctl: Controller, now: float) -> None:
+        for device, samples in ctl.take_samples().items():
+            recent = self.st.recent.setdefault(device, deque(maxlen=RECENT))
+            for s in samples:
+                try:
+                    a, b = split_of(s["partition"])
+                    stages = s["stages_s"]
+                    timing = RequestTiming(int(s["bytes_up"]), float(s["uplink_s"]), int(s["bytes_down"]),
+                                           float(s["downlink_s"]), float(stages["head"]), float(stages["body"]),
+                                           float(stages["tail"]), a, b)
+                    self.estimator.observe(device, timing, now)
+                    recent.append(float(stages["e2e"]))
+                except (EstimateError, KeyError, TypeError, ValueError):
+                    self.st.dropped_samples += 1  # a sample that cannot be right says nothing
+            est = self.estimator.link(device, now)
+            if est.samples:
+                ctl.set_link_estimate(device, uplink_bps=est.uplink_bps, downlink_bps=est.downlink_bps,
+                                      rtt_s=est.rtt_s)
+
+    def _membership(self, now: float) -> bool:
+        """Apply queued registry changes; True when the set of devices up changed."""
+        before = set(self.st.up)
+        while True:
+            try:
+                change = self.changes.get_nowait()
+            except queue.Empty:
+                break
+            if change.role != "device" or change.node not in self.ids:
+                continue
+            if change.kind == "down":
+                self.st.up.discard(change.node)
+                self.estimator.forget(change.node)
+            elif change.kind == "registered" and change.node in self.st.up:
+                continue  # its first registration, seen late
+            else:  # back: a restarted agent has nothing deployed, so it takes its split and workload again
+                self.st.up.add(change.node)
+                self.readmitted.add(change.node)
+            t = round(time.time() - self.st.t0_wall, 3)
+            self.st.decisions.append({"t_s": t, "event": f"node_{change.kind}", "device": change.node})
+            self.say(f"t={t:.1f} s: {change.node} {change.kind}")
+        return self.st.up != before
+
+    def _evaluate(self, ctl: Controller, now: float, membership: bool) -> None:
+        st, spec = self.st, self.spec
+        up = [d for d in self.ids if d in st.up]
+        if not up or not (spec.planner.resplit or membership):
+            return
+        problem = problem_with_estimates(self.problem, self.estimator.links(now), self.estimator.speeds(now),
+                                         edge_speed=self.estimator.edge_speed(now), devices=up)
+        decision = self.replanner.evaluate(problem, now)
+        t = round(time.time() - st.t0_wall, 3)
+        st.decisions.append(_decision_record(decision, t))
+        st.reason = decision.reason
+        if decision.replan:
+            self._apply(ctl, decision, t, membership)
+        predicted = decision.current_round_s
+        if decision.replan or not math.isfinite(predicted):
+            predicted = decision.plan.round_s  # the plan in force, on the live problem
+        medians = [statistics.median(st.recent[d]) for d in up if st.recent.get(d)]
+        ctl.update_figures(replans_total=st.replans, predicted_round_s=predicted if math.isfinite(predicted) else None,
+                           measured_round_s=max(medians) if medians else None)
+
+    def _apply(self, ctl: Controller, decision: Decision, t: float, membership: bool) -> None:
+        st = self.st
+        moved = []
+        for d in decision.plan.devices:
+            back = d.device in self.readmitted
+            if d.device not in decision.changed and not back:
+                continue
+            pid, head, tail = self.partitions.get(d.a, d.b)
+            try:
+                ctl.deploy(d.device, head, tail, pid, activate=back)
+                ctl.set_split(d.device, pid)
+                if back:
+                    self.readmitted.discard(d.device)
+                    with contextlib.suppress(CommandFailed):  # busy: its workload survived (it was only silent)
+                        self._restart_workload(ctl, d.device)
+            except CommandFailed as exc:
+                self.say(f"t={t:.1f} s: {d.device} could not take split {d.a}:{d.b}: {exc}")
+                continue
+            st.splits[d.device] = (d.a, d.b)
+            st.events.append(results.Event(round(time.time() - st.t0_wall, 3), "split", d.device, f"{d.a}:{d.b}",
+                                           decision.reason))
+            moved.append(f"{d.device} -> {d.a}:{d.b}")
+        self._set_shares(ctl, decision.plan)
+        st.replans += 1
+        self.say(f"t={t:.1f} s: re-plan ({decision.reason}): {', '.join(moved) or 'shares only'}")
+
+    def _restart_workload(self, ctl: Controller, device: str) -> None:
+        """A re-admitted device sends again for what is left of a timed run (a counted run starts over)."""
+        work = self.spec.workload
+        assert work is not None
+        args: dict[str, Any] = {"batch_size": work.batch_size, **self._start_args.get(device, {})}
+        if work.duration_s is not None:
+            left = work.duration_s - (time.monotonic() - self.st.t0)
+            if left <= 1.0:
+                return
+            args["duration_s"] = left
+        ctl.start_workload(device, self._edge_endpoint, **args)
+
+    def _set_shares(self, ctl: Controller, plan: Plan) -> None:
+        shares = {d.device: d.share for d in plan.devices if d.share > 0}
+        if shares:
+            ctl.set_shares(shares)
+
+    def _progress(self, phase: str, now: float, duration_s: float | None) -> None:
+        if self.on_progress is None:
+            return
+        nodes = {v.name: v for v in (self._ctl.nodes() if self._ctl is not None else ())}
+        devices = []
+        for d in self.ids:
+            status = nodes[d].status if d in nodes else {}
+            recent = self.st.recent.get(d)
+            devices.append(DeviceProgress(d, d in self.st.up, self.st.splits.get(d),
+                                          statistics.median(recent) * 1e3 if recent else None,
+                                          int(status.get("requests", 0)), int(status.get("failed", 0))))
+        self.on_progress(Progress(phase, now, duration_s, tuple(devices), self.st.replans, self.st.reason))
+
+    # ---- the end ----
+    def _collect(self, ctl: Controller) -> dict[str, dict[str, Any]]:
+        reports = {}
+        for d in self.ids:
+            try:
+                ctl.stop_workload(d)
+                reports[d] = ctl.report(d, requests=True)
+            except CommandFailed as exc:  # a device that is down has nothing to report
+                self.say(f"{d}: no report ({exc})")
+        return reports
+
+    def _write(self, reports: dict[str, dict[str, Any]], end_s: float, weights: Any) -> dict[str, Any]:
+        spec, st, out = self.spec, self.st, self.spec.output
+        rows = results.rows_from_reports(reports, st.t0_wall)
+        results.write_requests_csv(rows, out / "requests.csv")
+        results.write_jsonl(st.decisions, out / "decisions.jsonl")
+        extra = {
+            "name": spec.name, "placement": spec.placement.kind, "model": spec.model.name,
+            "weights": weights.weights_hash, "batch_size": spec.workload.batch_size if spec.workload else None,
+            "replans": st.replans, "dropped_samples": st.dropped_samples,
+            "accuracy": {d: r.get("accuracy") for d, r in reports.items()},
+            "device_failures": {d: r.get("failures", {}) for d, r in reports.items()},
+            "errors": {d: r["error"] for d, r in reports.items() if r.get("error")},
+        }
+        summary = results.summarize(rows, st.events, self.ids, end_s, extra)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        results.plot(rows, st.events, self.ids, out / "latency.png",
+                     f"{spec.name}: {len(self.ids)} device(s), {spec.placement.kind}, batch "
+                     f"{summary['batch_size']}, {summary['replans']} re-plan(s)")
+        return summary
+
+
+def _describe(plan: Plan) -> str:
+    return ", ".join(f"{d.device} {d.a}:{d.b} (share {d.share:.2f})" for d in plan.devices) + \
+        f"; predicted round {plan.round_s * 1e3:.2f} ms"
+
+
+def _decision_record(decision: Decision, t: float) -> dict[str, Any]:
+    def num(x: float) -> float | None:
+        return round(x, 6) if math.isfinite(x) else None
+
+    return {"t_s": t, "event": "evaluation", "replan": decision.replan, "reason": decision.reason,
+            "current_round_s": num(decision.current_round_s), "fresh_round_s": num(decision.fresh_round_s),
+            "changed": list(decision.changed), "streak": decision.streak,
+            "plan": {d.device: {"split": [d.a, d.b], "share": round(d.share, 6)} for d in decision.plan.devices}}
+
+
+def run_experiment(spec: RunSpec, **kwargs: Any) -> dict[str, Any]:
+    """Run ``spec`` (validated) and return its summary; the results are in ``spec.output``."""
+    return Run(spec, **kwargs).execute()

@@ -1,0 +1,182 @@
+"""`testbed run EXPERIMENT.yaml` with real processes: a loopback run end to end, a real re-split on loopback, a
+link change in the emulated lab (root), Ctrl-C/SIGTERM, and a bad file reaching the user as one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ..conftest import REPO
+from ..test_supervisor import wait_gone
+
+PROFILES = {"device_profile": "profiles/measured/vm-cnn-onnxruntime.yaml",
+            "edge_profile": "profiles/measured/vm-cnn-torch.yaml"}
+
+
+def write_spec(path: Path, **doc: Any) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def testbed(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "testbed.cli.main", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+def all_gone(out: Path) -> None:
+    pids = json.loads((out / "pids.json").read_text())
+    assert {"edge", "dev1", "dev2"} <= set(pids)
+    assert wait_gone(list(pids.values())) == []
+    assert not (out / "controller.json").exists()
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "requests.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_loopback_run_writes_its_results_and_leaves_nothing_behind(cnn_weights, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "lo.yaml", name="lo", weights=str(cnn_weights.path), placement="loopback",
+                      edge={"device": "cpu"},
+                      devices=[{"id": "dev1", "data": "shard"}, {"id": "dev2", "data": "synthetic", "split": [3, 7]}],
+                      planner={**PROFILES, "evaluate_every": "500ms"},
+                      workload={"batch_size": 8, "requests": 40, "rate": 40}, output=str(out))
+    proc = testbed("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["failed"] == 0 and summary["requests"] == 80
+    assert {d: s["requests"] for d, s in summary["devices"].items()} == {"dev1": 40, "dev2": 40}
+    assert summary["devices"]["dev2"]["by_partition"] == {f"{cnn_weights.weights_hash[:16]}:3:7": 40}  # pinned
+    assert all(s["p50_ms"] > 0 for s in summary["devices"].values())
+    assert 0.0 <= summary["accuracy"]["dev1"] <= 1.0 and summary["accuracy"]["dev2"] is None  # labels: shard only
+    assert json.loads((out / "summary.json").read_text()) == summary
+    rows = read_rows(out)
+    assert len(rows) == 80 and all(r["ok"] == "1" and float(r["e2e_ms"]) > 0 for r in rows)
+    first = json.loads((out / "decisions.jsonl").read_text().splitlines()[0])
+    assert first["reason"] == "initial plan" and first["plan"]["dev2"]["split"] == [3, 7]
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    all_gone(out)
+
+
+@pytest.mark.slow
+def test_a_wrong_device_profile_is_corrected_live_by_a_resplit_without_failures(cnn_weights, tmp_path: Path) -> None:
+    """The spec says dev1 is a Raspberry Pi 4 (6x slower than this host), so the first plan offloads most of its
+    model; on loopback the agent runs at this host's speed, the live compute estimate sees it, and the re-planner
+    moves dev1 to a split with less (or no) body while it keeps sending."""
+    from testbed.controller.run import run_experiment
+    from testbed.controller.runspec import load_runspec
+
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "re.yaml", name="re", weights=str(cnn_weights.path), placement="loopback",
+                      edge={"device": "cpu"},
+                      devices=[{"id": "dev1", "class": "raspberry-pi-4", "data": "synthetic"},
+                               {"id": "dev2", "data": "synthetic", "split": [1, 1]}],
+                      planner={**PROFILES, "evaluate_every": "250ms", "consecutive": 2, "min_interval": "1s",
+                               "estimator": {"time_constant": "500ms", "window": 5}},
+                      workload={"batch_size": 8, "duration": "8s", "rate": 40}, metrics=False, output=str(out))
+    lines: list[str] = []
+    summary = run_experiment(load_runspec(spec, base_dir=REPO), say=lines.append,
+                             cache_dir=tmp_path / "cache", heartbeat_s=0.25)
+    assert summary["failed"] == 0, summary["device_failures"]
+    moves = [s for s in summary["splits_over_time"] if s["device"] == "dev1"]
+    assert moves[0]["reason"] == "initial plan" and len(moves) >= 2, lines
+    first, second = moves[0]["detail"], moves[1]["detail"]
+    assert first != second
+    used = summary["devices"]["dev1"]["by_partition"]
+    assert {k.split(":", 1)[1] for k in used} >= {first, second}, used  # requests on both partitions
+    rows = [r for r in read_rows(out) if r["device"] == "dev1"]
+    switch = next(i for i, r in enumerate(rows) if f"{r['a']}:{r['b']}" == second)
+    assert switch > 0 and all(f"{r['a']}:{r['b']}" == first for r in rows[:switch])
+    assert summary["replans"] >= 1 and any("re-plan" in line for line in lines)
+    all_gone(out)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_every_process(cnn_weights, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "long.yaml", name="long", weights=str(cnn_weights.path), placement="loopback",
+                      devices=[{"id": "dev1", "data": "synthetic"}, {"id": "dev2", "data": "synthetic"}],
+                      planner=PROFILES, workload={"batch_size": 8, "duration": "300s", "rate": 20}, output=str(out))
+    proc = subprocess.Popen([sys.executable, "-m", "testbed.cli.main", "run", str(spec), "--json", "--cache-dir",
+                             str(tmp_path / "cache")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "pids.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err.decode() and b"Traceback" not in err
+    all_gone(out)
+
+
+def test_a_bad_key_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "bad.yaml", devices=[{"id": "dev1"}], workload={"requests": 5},
+                      worklaod={"requests": 5})
+    proc = testbed("run", str(spec), "--output", str(tmp_path / "out"), timeout_s=120)
+    assert proc.returncode == 2
+    assert "worklaod: unknown key (did you mean 'workload'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "out").exists()  # refused before anything started
+
+
+def test_inventory_placement_is_refused_with_a_pointer(tmp_path: Path) -> None:
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text("all: {hosts: {}}\n")
+    spec = write_spec(tmp_path / "inv.yaml", devices=[{"id": "dev1"}], workload={"requests": 5, "batch_size": 8},
+                      placement={"kind": "inventory", "inventory": str(inventory)}, planner=PROFILES)
+    proc = testbed("run", str(spec), "--output", str(tmp_path / "out"), timeout_s=120)
+    assert proc.returncode == 2 and "issue 7" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_in_the_lab_a_link_falling_to_lte_moves_the_split_and_no_request_fails(cnn_weights, tmp_path: Path) -> None:
+    from testbed.lab.hosts import list_namespaces
+
+    out = tmp_path / "out"
+    state = tmp_path / "state"
+    spec = write_spec(tmp_path / "lab.yaml", name="lab", weights=str(cnn_weights.path),
+                      placement={"kind": "lab", "prefix": "tbq"}, edge={"device": "cpu"},
+                      devices=[{"id": "dev1", "class": "raspberry-pi-4", "link": "6g-vision", "data": "synthetic"},
+                               {"id": "dev2", "class": "raspberry-pi-5", "link": "6g-vision", "data": "synthetic"}],
+                      planner={**PROFILES, "min_interval": "3s"},
+                      workload={"batch_size": 8, "duration": "20s", "rate": 20},
+                      link_changes=[{"at": "8s", "device": "dev1", "link": "lte"}], output=str(out))
+    proc = testbed("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"), "--lab-state-dir",
+                   str(state))
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        summary = json.loads(proc.stdout)
+        assert summary["failed"] == 0
+        (change,) = summary["link_changes"]
+        assert change["device"] == "dev1" and change["link"] == "lte"
+        assert change["resplit_s"] is not None and change["split"] != "3:9", change
+        starts = {s["device"]: s["detail"] for s in summary["splits_over_time"] if s["reason"] == "initial plan"}
+        assert starts == {"dev1": "3:9", "dev2": "1:1"}
+        # On LTE the old split is far slower (5.7 Mbit/s up); after the re-split the latency recovers.
+        assert change["after"]["p50_ms"] > change["before"]["p50_ms"]
+        assert change["recovered"]["p50_ms"] < change["after"]["p50_ms"]
+        all_gone(out)
+    finally:
+        assert not [ns for ns in list_namespaces() if ns.startswith("tbq-")], "the run's lab was not taken down"
