@@ -131,7 +131,7 @@ def deploy_cmd(
           "\n".join(f"{d.remote_path}  sha256 {d.sha256}  ({d.bytes} bytes) verified" for d in done))
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
+@app.command()
 @friendly_errors
 def start(
     host: Annotated[str, typer.Argument(help="host name in the inventory")],

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ from testbed.remote.inventory import Inventory, load_inventory
 from testbed.remote.ssh import connect, fingerprint, host_key, trust
 from testbed.remote.wheelhouse import build_wheelhouse
 
-from ..conftest import REPO
+from ..conftest import REPO, stop_process
 
 pytestmark = [
     pytest.mark.netns,
@@ -279,26 +280,133 @@ def _recap(output: str) -> dict[str, dict[str, int]]:
     return recap
 
 
-def test_agent_playbook_over_ssh_is_idempotent(ssh_lab: SshLab, tmp_path: Path) -> None:
+@dataclasses.dataclass(frozen=True)
+class Provisioned:
+    wheelhouse: Path
+    first: subprocess.CompletedProcess[str]
+    ssh_before: set[tuple[int, int]]
+
+
+@pytest.fixture(scope="module")
+def provisioned(ssh_lab: SshLab, tmp_path_factory: pytest.TempPathFactory) -> Provisioned:
+    """The agent playbook's first run against dev1 and dev2 (the venvs the later tests start agents from)."""
     before = ssh_processes()
     wheelhouse = build_wheelhouse(REPO, WHEELHOUSE_CACHE)[0].parent  # cached between runs; project wheel rebuilt
-    first = _playbook(ssh_lab, wheelhouse, tmp_path)
+    first = _playbook(ssh_lab, wheelhouse, tmp_path_factory.mktemp("ansible"))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-2000:]
-    recap = _recap(first.stdout)
+    return Provisioned(wheelhouse, first, before)
+
+
+def test_agent_playbook_over_ssh_is_idempotent(ssh_lab: SshLab, provisioned: Provisioned, tmp_path: Path) -> None:
+    recap = _recap(provisioned.first.stdout)
     assert set(recap) == {"dev1", "dev2"} and all(r["failed"] == 0 and r["unreachable"] == 0 for r in recap.values())
     for host in ssh_lab.inventory.devices:
         with connect(host, ssh_lab.inventory.known_hosts, timeout_s=10) as conn:
             help_text = conn.run([f"{host.root}/venv/bin/testbed-agent", "--help"]).stdout
             assert "serve" in help_text
-            # The agent venv has onnxruntime and no torch.
+            # The agent venv has onnxruntime and neither torch nor the controller's CLI libraries.
             probe = conn.run([f"{host.root}/venv/bin/python", "-c",
-                              "import importlib.util as u; print(bool(u.find_spec('onnxruntime')), "
-                              "bool(u.find_spec('torch')))"]).stdout
-            assert probe.split() == ["True", "False"]
-    second = _playbook(ssh_lab, wheelhouse, tmp_path)
+                              "import importlib.util as u; print(*(bool(u.find_spec(m)) for m in "
+                              "('onnxruntime', 'torch', 'typer')))"]).stdout
+            assert probe.split() == ["True", "False", "False"]
+    second = _playbook(ssh_lab, provisioned.wheelhouse, tmp_path)
     assert second.returncode == 0, second.stdout[-3000:]
     assert all(r["changed"] == 0 for r in _recap(second.stdout).values()), second.stdout[-3000:]
-    assert ssh_processes() <= before, "Ansible left ssh processes behind (ControlPersist?)"
+    assert ssh_processes() <= provisioned.ssh_before, "Ansible left ssh processes behind (ControlPersist?)"
+
+
+CONTROLLER_PORT, EDGE_PORT, REQUESTS = 5600, 5555, 8
+
+
+def _lab_status(ssh_lab: SshLab, controller: str) -> tuple[dict[str, Any] | None, str]:
+    """`testbed status --json` run on the edge host: the status object (None while no controller answers)."""
+    out = subprocess.run(ssh_lab.lab.command_in("edge", [str(VENV_BIN / "testbed"), "status", "--controller",
+                                                         controller, "--json", "--timeout-s", "2"]),
+                         capture_output=True, text=True, timeout=60)
+    return (json.loads(out.stdout) if out.returncode == 0 else None), out.stdout + out.stderr
+
+
+def _remote(ssh_lab: SshLab, *args: str) -> dict[str, Any]:
+    """`testbed remote ... --json` against the lab's inventory; its JSON answer."""
+    command, *rest = args  # options before the host: `remote start` takes everything after HOST as the command
+    out = subprocess.run([str(VENV_BIN / "testbed"), "remote", command, "-i", str(ssh_lab.access.inventory), "--json",
+                          *rest], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def test_provisioned_agents_register_and_serve_split_inference(ssh_lab: SshLab, provisioned: Provisioned,
+                                                               cnn_weights: Any, onnx_cache: Any,
+                                                               tmp_path: Path) -> None:
+    """The whole path a user takes: agents started over SSH from the venvs the playbook installed register with a
+    controller on the edge host, take a deployment and serve split-inference requests through the edge."""
+    from testbed.partition import PartitionId
+
+    edge_ip = ssh_lab.lab.require_state().topology.edge.address
+    controller, edge_data = f"tcp://{edge_ip}:{CONTROLLER_PORT}", f"tcp://{edge_ip}:{EDGE_PORT}"
+    head, tail = onnx_cache.partition(cnn_weights.model, cnn_weights.weights_hash, 2, 6)
+    partition = str(PartitionId(cnn_weights.weights_hash, 2, 6))
+    result = tmp_path / "result.json"
+    out_file = open(tmp_path / "controller-edge.log", "wb")  # noqa: SIM115 - the children keep it
+    procs = [
+        subprocess.Popen(ssh_lab.lab.command_in("edge", [
+            sys.executable, "-m", "tests.remote.lab_controller", "--bind", controller, "--edge", edge_data,
+            "--partition", partition, "--head", str(head), "--tail", str(tail), "--devices", "2",
+            "--requests", str(REQUESTS), "--out", str(result), "--parent-pid", str(os.getpid())]),
+            cwd=REPO, stdout=out_file, stderr=subprocess.STDOUT),
+        subprocess.Popen(ssh_lab.lab.command_in("edge", [
+            str(VENV_BIN / "testbed-edge"), "--weights", str(cnn_weights.path), "--bind", edge_data,
+            "--threads", "1", "--controller", controller, "--parent-pid", str(os.getpid())]),
+            cwd=tmp_path, stdout=out_file, stderr=subprocess.STDOUT),
+    ]
+    out_file.close()
+    started: dict[str, int] = {}
+    try:
+        for host in ssh_lab.inventory.devices:  # as docs/bare-pi-to-first-experiment.md says
+            out = _remote(ssh_lab, "start", "--agent", "--controller", controller, "--heartbeat-s", "1", host.name)
+            started[host.name] = out["pid"]
+            assert out["argv"][:2] == [f"{host.root}/venv/bin/testbed-agent", "serve"]
+            assert started[host.name] in pids_in_namespace(f"{PREFIX}-{host.name}")
+            # Run by the venv the playbook installed (no torch there: see the idempotency test).
+            cmdline = Path(f"/proc/{started[host.name]}/cmdline").read_bytes().split(b"\0")
+            assert cmdline[0].decode().startswith(f"{host.root}/venv/bin/python"), cmdline
+        # `testbed status`, as a user would ask, until both agents and the edge are up (bounded).
+        deadline, answer = time.monotonic() + 90, ""
+        nodes: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in procs), (tmp_path / "controller-edge.log").read_text()[-3000:]
+            status, answer = _lab_status(ssh_lab, controller)
+            nodes = {n["name"]: n for n in (status or {}).get("nodes", [])}
+            if {"dev1", "dev2", "edge"} <= {name for name, n in nodes.items() if n["up"]}:
+                break
+            time.sleep(0.5)
+        assert {"dev1", "dev2", "edge"} <= {name for name, n in nodes.items() if n["up"]}, answer[-2000:]
+        assert nodes["dev1"]["role"] == nodes["dev2"]["role"] == "device" and nodes["edge"]["role"] == "edge"
+        procs[0].wait(timeout=180)
+        assert procs[0].returncode == 0, (tmp_path / "controller-edge.log").read_text()[-3000:]
+        done = json.loads(result.read_text())
+        assert done["devices"] == ["dev1", "dev2"]
+        for device in ("dev1", "dev2"):
+            report = done["reports"][device]
+            assert done["deployed"][device]["partition"] == partition and done["deployed"][device]["active"]
+            assert report["requests"] == REQUESTS and report["failed"] == 0, report
+            assert report["by_partition"] == {partition: REQUESTS} and report["partition"] == partition
+        assert done["edge"]["served"] == 2 * REQUESTS and done["edge"]["rejected"] == 0, done["edge"]
+        for host in ssh_lab.inventory.devices:
+            tail = _remote(ssh_lab, "logs", host.name)
+            assert tail["pid"] == started[host.name]  # the process started over SSH, never restarted
+            assert f"testbed-agent {host.name}: serving, controller {controller}" in tail["log"]
+            assert _remote(ssh_lab, "stop", host.name)["result"] == f"stopped {started.pop(host.name)}"
+    finally:
+        for name in list(started):  # a failure above: stop what is still running, by its pid file
+            host = ssh_lab.inventory.host(name)
+            with connect(host, ssh_lab.inventory.known_hosts, timeout_s=10) as conn:
+                agents.stop(conn, host.root, "agent", grace_s=10)
+        for proc in procs:
+            stop_process(proc)
+    assert all(p.returncode is not None for p in procs)
+    assert not [pid for host in ("dev1", "dev2") for pid in pids_in_namespace(f"{PREFIX}-{host}")
+                if _exe(pid) != "/usr/sbin/sshd"], "an agent outlived its stop"
 
 
 def test_ansible_lint_passes() -> None:
