@@ -11,8 +11,6 @@ experiments/run-*.yaml.
 
 from __future__ import annotations
 
-import difflib
-import math
 import numbers
 import re
 from collections.abc import Callable, Mapping
@@ -28,6 +26,17 @@ from testbed.errors import TestbedError
 from testbed.lab.devices import DeviceClass, load_device_class
 from testbed.net.link import LinkProfile, load_link_profile
 from testbed.net.units import parse_duration_us
+from testbed.validation import (
+    Problems,
+    UniqueKeyLoader,
+    boolean,
+    choice,
+    did_you_mean,
+    integer,
+    kind_of,
+    mapping,
+    number,
+)
 
 __all__ = [
     "CACHED_WEIGHTS", "DeviceSpec", "EdgeSpec", "LinkChange", "MetricsSpec", "ModelSpec", "PlacementSpec",
@@ -156,71 +165,12 @@ class RunSpec:
 # Validation helpers: each records a problem and returns a usable default, so every problem is listed
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.lines.append(f"{path}: {message}" if path else message)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
-def _hint(word: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known) or '(none)'}"
-
-
-def _mapping(p: _Problems, path: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        p.add(path, f"expected a mapping with keys {', '.join(allowed)}, got {_kind(value)} {value!r}")
-        return {}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or key not in allowed:
-            p.add(f"{path}.{key}" if path else str(key), "unknown key" + _hint(str(key), allowed))
-        else:
-            out[key] = item
-    return out
-
-
-def _int(p: _Problems, path: str, value: Any, default: int | None, low: int, high: int) -> int | None:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        p.add(path, f"expected an integer, got {_kind(value)} {value!r}")
-        return default
-    if not low <= value <= high:
-        p.add(path, f"must be between {low} and {high}, got {value}")
-        return default
-    return int(value)
-
-
-def _float(p: _Problems, path: str, value: Any, default: float, low: float, high: float = math.inf) -> float:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        p.add(path, f"expected a finite number, got {_kind(value)} {value!r}")
-        return default
-    if not low <= value <= high:
-        p.add(path, f"must be between {low:g} and {high:g}, got {value}")
-        return default
-    return float(value)
-
-
-def _seconds(p: _Problems, path: str, value: Any, default: float | None, positive: bool = False) -> float | None:
+def _seconds(p: Problems, path: str, value: Any, default: float | None, positive: bool = False) -> float | None:
     """A duration with its unit ("30s", "500ms"); a bare number is refused (seconds or milliseconds?)."""
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        p.add(path, f"expected a duration such as '30s' or '500ms', got {_kind(value)} {value!r}")
+        p.add(path, f"expected a duration such as '30s' or '500ms', got {kind_of(value)} {value!r}")
         return default
     try:
         s = parse_duration_us(value) / 1e6
@@ -233,31 +183,11 @@ def _seconds(p: _Problems, path: str, value: Any, default: float | None, positiv
     return s
 
 
-def _choice(p: _Problems, path: str, value: Any, default: str, choices: tuple[str, ...]) -> str:
-    if value is None:
-        return default
-    if not isinstance(value, str) or value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
-        p.add(path, f"expected one of {', '.join(choices)}, got {value!r}"
-                    + (f" (did you mean {close[0]!r}?)" if close else ""))
-        return default
-    return value
-
-
-def _bool(p: _Problems, path: str, value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        p.add(path, f"expected true or false, got {_kind(value)} {value!r}")
-        return default
-    return value
-
-
-def _path(p: _Problems, path: str, value: Any, base: Path, what: str) -> Path | None:
+def _path(p: Problems, path: str, value: Any, base: Path, what: str) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        p.add(path, f"expected the path of {what}, got {_kind(value)} {value!r}")
+        p.add(path, f"expected the path of {what}, got {kind_of(value)} {value!r}")
         return None
     full = Path(value) if Path(value).is_absolute() else base / value
     if not full.is_file():
@@ -266,9 +196,9 @@ def _path(p: _Problems, path: str, value: Any, base: Path, what: str) -> Path | 
     return full
 
 
-def _link(p: _Problems, path: str, value: Any) -> LinkProfile | None:
+def _link(p: Problems, path: str, value: Any) -> LinkProfile | None:
     if not isinstance(value, str) or not value:
-        p.add(path, f"expected a link profile name (profiles/links/NAME.yaml) or path, got {_kind(value)} {value!r}")
+        p.add(path, f"expected a link profile name (profiles/links/NAME.yaml) or path, got {kind_of(value)} {value!r}")
         return None
     try:
         return load_link_profile(value)
@@ -277,11 +207,11 @@ def _link(p: _Problems, path: str, value: Any) -> LinkProfile | None:
         return None
 
 
-def _device_class(p: _Problems, path: str, value: Any) -> DeviceClass | None:
+def _device_class(p: Problems, path: str, value: Any) -> DeviceClass | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        p.add(path, f"expected a device class name (profiles/devices/NAME.yaml), got {_kind(value)} {value!r}")
+        p.add(path, f"expected a device class name (profiles/devices/NAME.yaml), got {kind_of(value)} {value!r}")
         return None
     try:
         return load_device_class(value)
@@ -304,13 +234,13 @@ def zoo_num_blocks(name: str, config: Mapping[str, Any]) -> int:
 # Sections
 
 
-def _model(p: _Problems, value: Any, num_blocks: NumBlocks) -> ModelSpec:
+def _model(p: Problems, value: Any, num_blocks: NumBlocks) -> ModelSpec:
     if isinstance(value, str):
         value = {"name": value}
-    m = _mapping(p, "model", value, ("name", "config"))
+    m = mapping(p, "model", value, ("name", "config"))
     name = m.get("name", "cnn")
     if not isinstance(name, str):
-        p.add("model.name", f"expected a zoo model name, got {_kind(name)} {name!r}")
+        p.add("model.name", f"expected a zoo model name, got {kind_of(name)} {name!r}")
         name = "cnn"
     config = m.get("config") or {}
     if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
@@ -326,7 +256,7 @@ def _model(p: _Problems, value: Any, num_blocks: NumBlocks) -> ModelSpec:
     return ModelSpec(name, tuple(sorted(config.items())), blocks)
 
 
-def _split(p: _Problems, path: str, value: Any, num_blocks: int) -> tuple[int, int] | None:
+def _split(p: Problems, path: str, value: Any, num_blocks: int) -> tuple[int, int] | None:
     if value is None:
         return None
     if (not isinstance(value, list | tuple) or len(value) != 2
@@ -341,7 +271,7 @@ def _split(p: _Problems, path: str, value: Any, num_blocks: int) -> tuple[int, i
     return a, b
 
 
-def _devices(p: _Problems, value: Any, model: ModelSpec, mode: str
+def _devices(p: Problems, value: Any, model: ModelSpec, mode: str
              ) -> tuple[tuple[DeviceSpec, ...], list[str] | None]:
     """The valid devices, and every id declared (None when the list itself is unusable)."""
     if not isinstance(value, list) or not value:
@@ -354,7 +284,7 @@ def _devices(p: _Problems, value: Any, model: ModelSpec, mode: str
     seen: dict[str, int] = {}
     for i, item in enumerate(value):
         where = f"devices[{i}]"
-        d = _mapping(p, where, item, ("id", "class", "link", "data", "split"))
+        d = mapping(p, where, item, ("id", "class", "link", "data", "split"))
         if not isinstance(item, Mapping):
             continue
         ident = d.get("id", f"dev{i + 1}")
@@ -366,7 +296,7 @@ def _devices(p: _Problems, value: Any, model: ModelSpec, mode: str
             p.add(f"{where}.id", f"duplicate device id {ident!r} (also devices[{seen[ident]}])")
         seen.setdefault(ident, i)
         link = _link(p, f"{where}.link", d.get("link", "unshaped"))
-        data = _choice(p, f"{where}.data", d.get("data"), "shard", DATA)
+        data = choice(p, f"{where}.data", d.get("data"), "shard", DATA)
         if mode == "training" and "data" in d:
             p.add(f"{where}.data", "only for inference: training data comes from the training experiment")
         if mode == "training" and "split" in d:
@@ -378,14 +308,14 @@ def _devices(p: _Problems, value: Any, model: ModelSpec, mode: str
     return tuple(out), list(seen)
 
 
-def _placement(p: _Problems, value: Any, base: Path) -> PlacementSpec:
+def _placement(p: Problems, value: Any, base: Path) -> PlacementSpec:
     if value is None or isinstance(value, str):
-        kind = _choice(p, "placement", value, "loopback", PLACEMENTS)
+        kind = choice(p, "placement", value, "loopback", PLACEMENTS)
         if kind == "inventory":
             p.add("placement", "give the inventory: {kind: inventory, inventory: PATH}")
         return PlacementSpec(kind)
-    m = _mapping(p, "placement", value, ("kind", "prefix", "inventory"))
-    kind = _choice(p, "placement.kind", m.get("kind"), "loopback", PLACEMENTS)
+    m = mapping(p, "placement", value, ("kind", "prefix", "inventory"))
+    kind = choice(p, "placement.kind", m.get("kind"), "loopback", PLACEMENTS)
     prefix = m.get("prefix", "tb")
     if kind != "lab" and "prefix" in m:
         p.add("placement.prefix", "only for kind: lab")
@@ -400,31 +330,31 @@ def _placement(p: _Problems, value: Any, base: Path) -> PlacementSpec:
     return PlacementSpec(kind, prefix, inventory)
 
 
-def _planner(p: _Problems, value: Any, mode: str, base: Path) -> PlannerSpec:
+def _planner(p: Problems, value: Any, mode: str, base: Path) -> PlannerSpec:
     keys = ("algorithm", "splits", "resplit", "margin", "consecutive", "min_interval", "keep_slack",
             "evaluate_every", "estimator", "device_profile", "edge_profile")
-    m = _mapping(p, "planner", value, keys)
-    _choice(p, "planner.algorithm", m.get("algorithm"), "lscra", ("lscra",))
-    e = _mapping(p, "planner.estimator", m.get("estimator"), ("time_constant", "window"))
+    m = mapping(p, "planner", value, keys)
+    choice(p, "planner.algorithm", m.get("algorithm"), "lscra", ("lscra",))
+    e = mapping(p, "planner.estimator", m.get("estimator"), ("time_constant", "window"))
     defaults, est = ReplanPolicy(), EstimatorConfig()
     return PlannerSpec(
-        splits=_choice(p, "planner.splits", m.get("splits"), "common" if mode == "training" else "per-device",
+        splits=choice(p, "planner.splits", m.get("splits"), "common" if mode == "training" else "per-device",
                        SPLITS),
-        resplit=_bool(p, "planner.resplit", m.get("resplit"), True),
-        margin=_float(p, "planner.margin", m.get("margin"), defaults.margin, 0.0, 10.0),
-        consecutive=_int(p, "planner.consecutive", m.get("consecutive"), defaults.consecutive, 1, 1000) or 1,
+        resplit=boolean(p, "planner.resplit", m.get("resplit"), True),
+        margin=number(p, "planner.margin", m.get("margin"), defaults.margin, 0.0, 10.0),
+        consecutive=integer(p, "planner.consecutive", m.get("consecutive"), defaults.consecutive, 1, 1000) or 1,
         min_interval_s=_seconds(p, "planner.min_interval", m.get("min_interval"), defaults.min_interval_s) or 0.0,
-        keep_slack=_float(p, "planner.keep_slack", m.get("keep_slack"), defaults.keep_slack, 0.0, 1.0),
+        keep_slack=number(p, "planner.keep_slack", m.get("keep_slack"), defaults.keep_slack, 0.0, 1.0),
         evaluate_every_s=_seconds(p, "planner.evaluate_every", m.get("evaluate_every"), 1.0, positive=True) or 1.0,
         time_constant_s=_seconds(p, "planner.estimator.time_constant", e.get("time_constant"),
                                  est.time_constant_s, positive=True) or est.time_constant_s,
-        window=_int(p, "planner.estimator.window", e.get("window"), est.window, 1, 64) or est.window,
+        window=integer(p, "planner.estimator.window", e.get("window"), est.window, 1, 64) or est.window,
         device_profile=_path(p, "planner.device_profile", m.get("device_profile"), base, "block profile"),
         edge_profile=_path(p, "planner.edge_profile", m.get("edge_profile"), base, "block profile"),
     )
 
 
-def _check_profile(p: _Problems, path: str, file: Path | None, model: ModelSpec) -> None:
+def _check_profile(p: Problems, path: str, file: Path | None, model: ModelSpec) -> None:
     """A block profile must be of the run's model (a profile of another model would plan nonsense)."""
     if file is None:
         return
@@ -440,9 +370,9 @@ def _check_profile(p: _Problems, path: str, file: Path | None, model: ModelSpec)
                     f"{model.name!r} with {model.num_blocks}")
 
 
-def _workload(p: _Problems, value: Any) -> WorkloadSpec:
-    m = _mapping(p, "workload", value, ("batch_size", "requests", "duration", "rate", "dataset"))
-    requests = _int(p, "workload.requests", m.get("requests"), None, 1, 10**9)
+def _workload(p: Problems, value: Any) -> WorkloadSpec:
+    m = mapping(p, "workload", value, ("batch_size", "requests", "duration", "rate", "dataset"))
+    requests = integer(p, "workload.requests", m.get("requests"), None, 1, 10**9)
     duration = _seconds(p, "workload.duration", m.get("duration"), None, positive=True)
     if ("requests" in m) == ("duration" in m):
         p.add("workload", "give exactly one of requests (per device) and duration (e.g. '60s')")
@@ -456,19 +386,19 @@ def _workload(p: _Problems, value: Any) -> WorkloadSpec:
         else:
             rate_rps = float(rate)
     return WorkloadSpec(
-        batch_size=_int(p, "workload.batch_size", m.get("batch_size"), 10, 1, 65536) or 10,
+        batch_size=integer(p, "workload.batch_size", m.get("batch_size"), 10, 1, 65536) or 10,
         requests=requests, duration_s=duration, rate_rps=rate_rps,
-        dataset=_choice(p, "workload.dataset", m.get("dataset"), "auto", DATASETS),
+        dataset=choice(p, "workload.dataset", m.get("dataset"), "auto", DATASETS),
     )
 
 
-def _link_changes(p: _Problems, value: Any, ids: list[str] | None, timed: bool, duration_s: float | None,
+def _link_changes(p: Problems, value: Any, ids: list[str] | None, timed: bool, duration_s: float | None,
                   placement: PlacementSpec | None) -> tuple[LinkChange, ...]:
     """``ids``/``placement`` None: already reported as broken, not checked again here."""
     if value is None:
         return ()
     if not isinstance(value, list):
-        p.add("link_changes", f"expected a list of {{at, device, link}}, got {_kind(value)}")
+        p.add("link_changes", f"expected a list of {{at, device, link}}, got {kind_of(value)}")
         return ()
     if value and placement is not None and placement.kind == "loopback":
         p.add("link_changes", "loopback has no shaped links to change; use placement: lab (or an inventory)")
@@ -477,7 +407,7 @@ def _link_changes(p: _Problems, value: Any, ids: list[str] | None, timed: bool, 
     out: list[LinkChange] = []
     for i, item in enumerate(value):
         where = f"link_changes[{i}]"
-        c = _mapping(p, where, item, ("at", "device", "link"))
+        c = mapping(p, where, item, ("at", "device", "link"))
         if not isinstance(item, Mapping):
             continue
         missing = [k for k in ("at", "device", "link") if k not in c]
@@ -487,7 +417,7 @@ def _link_changes(p: _Problems, value: Any, ids: list[str] | None, timed: bool, 
         at = _seconds(p, f"{where}.at", c["at"], None)
         device = c["device"]
         if ids is not None and device not in ids:
-            p.add(f"{where}.device", f"unknown device {device!r}" + _hint(str(device), ids))
+            p.add(f"{where}.device", f"unknown device {device!r}" + did_you_mean(str(device), ids))
         link = _link(p, f"{where}.link", c["link"])
         if at is not None and duration_s is not None and at >= duration_s:
             p.add(f"{where}.at", f"{c['at']} is not before the end of the run (workload.duration {duration_s:g} s)")
@@ -499,16 +429,16 @@ def _link_changes(p: _Problems, value: Any, ids: list[str] | None, timed: bool, 
     return tuple(sorted(out, key=lambda c: (c.at_s, c.device)))
 
 
-def _metrics(p: _Problems, value: Any) -> MetricsSpec:
+def _metrics(p: Problems, value: Any) -> MetricsSpec:
     if isinstance(value, bool):
         value = {"enabled": value}
-    m = _mapping(p, "metrics", value, ("enabled", "prometheus", "scrape_interval", "bind"))
+    m = mapping(p, "metrics", value, ("enabled", "prometheus", "scrape_interval", "bind"))
     bind = m.get("bind", "127.0.0.1")
     if not isinstance(bind, str) or not bind:
         p.add("metrics.bind", f"expected an address, got {bind!r}")
         bind = "127.0.0.1"
-    enabled = _bool(p, "metrics.enabled", m.get("enabled"), True)
-    prometheus = _bool(p, "metrics.prometheus", m.get("prometheus"), False)
+    enabled = boolean(p, "metrics.enabled", m.get("enabled"), True)
+    prometheus = boolean(p, "metrics.prometheus", m.get("prometheus"), False)
     if prometheus and not enabled:
         p.add("metrics.prometheus", "needs metrics.enabled: true (Prometheus scrapes the exporters)")
     return MetricsSpec(enabled, prometheus,
@@ -530,14 +460,15 @@ def parse_runspec(data: Any, *, source: str = "<experiment>", base_dir: Path | N
     where `testbed run` is started: the repository root)."""
     base = Path.cwd() if base_dir is None else Path(base_dir)
     if not isinstance(data, Mapping):
-        raise RunSpecError(f"{source}: an experiment is a YAML mapping with keys {', '.join(_TOP)}, got {_kind(data)}")
-    p = _Problems()
-    top = _mapping(p, "", data, _TOP)
+        raise RunSpecError(f"{source}: an experiment is a YAML mapping with keys {', '.join(_TOP)}, "
+                           f"got {kind_of(data)}")
+    p = Problems()
+    top = mapping(p, "", data, _TOP)
     name = top.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         p.add("name", f"expected a short name of letters, digits, '-', '_' or '.', got {name!r}")
         name = default_name
-    mode = _choice(p, "mode", top.get("mode"), "inference", MODES)
+    mode = choice(p, "mode", top.get("mode"), "inference", MODES)
 
     training: Path | None = None
     experiment = None
@@ -586,10 +517,10 @@ def parse_runspec(data: Any, *, source: str = "<experiment>", base_dir: Path | N
     if experiment is not None and devices and len(devices) != experiment.devices:
         p.add("devices", f"{len(devices)} devices listed, the training experiment has {experiment.devices}")
 
-    e = _mapping(p, "edge", top.get("edge"), ("class", "device", "threads"))
+    e = mapping(p, "edge", top.get("edge"), ("class", "device", "threads"))
     edge = EdgeSpec(_device_class(p, "edge.class", e.get("class")),
-                    _choice(p, "edge.device", e.get("device"), "auto", EDGE_DEVICES),
-                    _int(p, "edge.threads", e.get("threads"), 1, 1, 256) or 1)
+                    choice(p, "edge.device", e.get("device"), "auto", EDGE_DEVICES),
+                    integer(p, "edge.threads", e.get("threads"), 1, 1, 256) or 1)
     before = len(p.lines)
     placement = _placement(p, top.get("placement"), base)
     placement_ok = len(p.lines) == before
@@ -609,7 +540,7 @@ def parse_runspec(data: Any, *, source: str = "<experiment>", base_dir: Path | N
     metrics = _metrics(p, top.get("metrics"))
     out = top.get("output", f"runs/{name}")
     if not isinstance(out, str) or not out:
-        p.add("output", f"expected a directory path, got {_kind(out)} {out!r}")
+        p.add("output", f"expected a directory path, got {kind_of(out)} {out!r}")
         out = f"runs/{name}"
     output = Path(out) if Path(out).is_absolute() else base / out
 
@@ -618,19 +549,6 @@ def parse_runspec(data: Any, *, source: str = "<experiment>", base_dir: Path | N
     return RunSpec(name=name, mode=mode, model=model, weights=weights, training=training, devices=devices,
                    edge=edge, placement=placement, planner=planner, workload=workload, link_changes=changes,
                    metrics=metrics, output=output)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate keys (plain YAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
 
 
 def load_runspec(path: str | Path, *, base_dir: Path | None = None, num_blocks: NumBlocks = zoo_num_blocks
@@ -642,7 +560,7 @@ def load_runspec(path: str | Path, *, base_dir: Path | None = None, num_blocks: 
     except (OSError, UnicodeDecodeError) as exc:
         raise RunSpecError(f"cannot read experiment file {path}: {exc}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as exc:
         raise RunSpecError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:

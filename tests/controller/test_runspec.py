@@ -84,12 +84,12 @@ def test_every_shipped_run_experiment_parses(path: Path) -> None:
 
 def test_the_resplit_example_drops_one_device_from_6g_to_lte() -> None:
     spec = load_runspec(ROOT / "experiments" / "run-lab-resplit.yaml", base_dir=ROOT)
-    assert spec.placement.kind == "lab" and len(spec.devices) == 3
-    (change,) = spec.link_changes
+    assert spec.placement.kind == "lab" and len(spec.devices) >= 2
+    change = spec.link_changes[0]  # the first change: one device falls from 6G to LTE (later ones may restore it)
     before = next(d.link for d in spec.devices if d.id == change.device)
     assert before.name.startswith("6g") and change.link.name == "lte"
     assert spec.workload is not None and spec.workload.duration_s is not None
-    assert 0 < change.at_s < spec.workload.duration_s
+    assert all(0 < c.at_s < spec.workload.duration_s for c in spec.link_changes)
 
 
 def test_values_are_parsed_resolved_and_defaulted() -> None:
