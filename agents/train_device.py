@@ -33,10 +33,10 @@ from torch import nn
 from testbed.errors import TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
-from testbed.training.experiment import ExperimentSpec, batch_order
-from testbed.training.schemes import (
+from testbed.training.errors import ProtocolError
+from testbed.training.experiment import ExperimentSpec, batch_bounds, batch_order
+from testbed.training.state import (
     Party,
-    ProtocolError,
     device_blocks,
     load_spec_json,
 )
@@ -122,7 +122,10 @@ class DeviceTrainer:
             raise ProtocolError(f"round_start needs integer epoch, first, end, seq0: {meta}") from exc
         if self.data is None or not self.partition:
             raise ProtocolError("round_start before the initial sync")
-        B = self.spec.training.batch_size
+        steps = meta.get("epoch_steps")  # this device's steps per epoch (by_shard: its shard cut into that many)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= end <= steps:
+            raise ProtocolError(f"round_start: epoch_steps must be an integer >= end ({end}), got {steps!r}")
+        mode, B = self.spec.training.batch_sizes, self.spec.training.batch_size
         order = self.order(epoch)
         totals = dict.fromkeys(STAGES, 0.0)
         out = {"steps": 0, "samples": 0, "loss_sum": 0.0, "correct": 0, "bytes_up": 0, "bytes_down": 0}
@@ -130,7 +133,8 @@ class DeviceTrainer:
         for s in range(first, end):
             if self.stop.is_set():
                 raise Interrupted("stopped")
-            idx = order[s * B : (s + 1) * B]
+            lo, hi = batch_bounds(mode, len(self.y), B, steps, s)
+            idx = order[lo:hi]
             if len(idx) == 0:
                 raise ProtocolError(f"step {s} is past the end of this device's {len(self.y)} samples")
             self.step(self.x[idx], self.y[idx], seq0 + s - first, totals, out)

@@ -40,10 +40,10 @@ from agents.train_device import Interrupted, control_socket, send_error
 from testbed.errors import TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
+from testbed.training.errors import ProtocolError
 from testbed.training.experiment import ExperimentSpec
-from testbed.training.schemes import (
+from testbed.training.state import (
     Party,
-    ProtocolError,
     edge_blocks,
     edge_copies,
     fedavg,
@@ -78,6 +78,7 @@ class Segment:
     ranges: dict[str, tuple[int, int]]  # device -> [first seq, end seq)
     next_fwd: dict[str, int] = field(default_factory=dict)
     done: dict[str, int] = field(default_factory=dict)
+    batch: dict[str, int] = field(default_factory=dict)  # device -> its largest batch
 
     def expected(self, seq: int) -> list[str]:
         return [d for d, (lo, hi) in self.ranges.items() if lo <= seq < hi]
@@ -118,7 +119,7 @@ class Recorder:
 
 class EdgeTrainer:
     def __init__(self, spec: ExperimentSpec, name: str, ctx: zmq.Context, stop: threading.Event,
-                 recorder: Recorder | None) -> None:
+                 recorder: Recorder | None, bind: str = "tcp://127.0.0.1:*") -> None:
         self.spec, self.name, self.stop, self.recorder = spec, name, stop, recorder
         self.devices = list(spec.device_names)
         self.index = {d: i for i, d in enumerate(self.devices)}
@@ -130,7 +131,7 @@ class EdgeTrainer:
         self.data = ctx.socket(zmq.ROUTER)
         self.data.setsockopt(zmq.MAXMSGSIZE, DATA_LIMITS.max_message_bytes)
         self.data.setsockopt(zmq.LINGER, 1000)
-        self.data.bind("tcp://127.0.0.1:*")
+        self.data.bind(bind)
         self.endpoint = self.data.getsockopt_string(zmq.LAST_ENDPOINT)
         self.run_id = ""
         self.segment: Segment | None = None
@@ -175,7 +176,12 @@ class EdgeTrainer:
                                                  and all(isinstance(v, int) for v in rng) and rng[0] < rng[1]):
                     raise ProtocolError(f"round_start: bad part {dev}: {rng!r}")
                 ranges[dev] = (rng[0], rng[1])
-            self.segment = Segment(ranges, {d: r[0] for d, r in ranges.items()}, dict.fromkeys(ranges, 0))
+            sizes = meta.get("batch_sizes", {})
+            if not isinstance(sizes, dict) or set(sizes) - set(ranges) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536 for v in sizes.values()):
+                raise ProtocolError(f"round_start: batch_sizes must map scheduled devices to 1..65536, got {sizes!r}")
+            batch = {d: sizes.get(d, self.spec.training.batch_size) for d in ranges}
+            self.segment = Segment(ranges, {d: r[0] for d, r in ranges.items()}, dict.fromkeys(ranges, 0), batch)
             self._reset_metrics()
             return None  # answered with ROUND_END once the segment's steps are done
         raise ProtocolError(f"the edge does not accept {kind.value} on the control plane")
@@ -227,8 +233,8 @@ class EdgeTrainer:
             raise self.reject("bad_shape", f"{name} must be float32 (batch, {', '.join(map(str, shape))}), got "
                                            f"{arr.dtype} {tuple(arr.shape)}", env)
         if env.kind is Kind.TRAIN_FORWARD:
-            if batch > self.spec.training.batch_size:
-                raise self.reject("bad_shape", f"batch {batch} > batch_size {self.spec.training.batch_size}", env)
+            if batch > seg.batch[dev]:
+                raise self.reject("bad_shape", f"batch {batch} > batch_size {seg.batch[dev]}", env)
             seg.next_fwd[dev] += 1
         elif batch != self.batch_of[(dev, env.seq)]:
             raise self.reject("bad_shape", f"g2 batch {batch} != the forward's {self.batch_of[(dev, env.seq)]}", env)
@@ -300,27 +306,36 @@ class EdgeTrainer:
         opt = self.party.optimizers["main"]
         opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
+        # Each device's loss is the mean over its own batch. The shared body follows the mean over every
+        # sample of the step that ran a block: device i's gradient weighs b_i / sum(b) over that block's
+        # users. Scale g2_i by s_i = b_i / mean(b) (1 when the batches are equal: the mean over devices,
+        # bit for bit as before), divide each block by the sum of its users' s_i, and return
+        # g1_i = dL_i/da1_i unscaled.
+        sizes_of = {d: arrived[d].tensor.shape[0] for d in expected}
+        mean_b = sum(sizes_of.values()) / len(sizes_of)
+        scale = {d: b / mean_b for d, b in sizes_of.items()}
         for (_a, _b), devs, a1, out in groups:
             start_ns = time.time_ns()
-            g2 = torch.cat([self._tensor(arrived[d].tensor) for d in devs])
-            torch.autograd.backward(out, g2)
+            pieces = [self._tensor(arrived[d].tensor) for d in devs]
+            pieces = [g if scale[d] == 1.0 else g * scale[d] for d, g in zip(devs, pieces, strict=True)]
+            torch.autograd.backward(out, torch.cat(pieces))
             assert a1.grad is not None
-            sizes = [arrived[d].tensor.shape[0] for d in devs]
+            sizes = [sizes_of[d] for d in devs]
             end_ns = time.time_ns()
             for d, piece in zip(devs, a1.grad.split(sizes), strict=True):
-                self._reply(Kind.TRAIN_BACKWARD_REPLY, d, arrived[d], "g1", piece.contiguous().numpy(), start_ns,
+                g1 = piece if scale[d] == 1.0 else piece / scale[d]
+                self._reply(Kind.TRAIN_BACKWARD_REPLY, d, arrived[d], "g1", g1.contiguous().numpy(), start_ns,
                             end_ns)
         t1 = time.perf_counter()
-        # The shared body's gradient is the mean over the devices that ran each block (exact for one device).
-        users: dict[int, int] = {}
+        users: dict[int, float] = {}
         for (a, b), devs, _, _ in groups:
             for k in range(a, b):
-                users[k] = users.get(k, 0) + len(devs)
-        for k, count in users.items():
-            if count > 1:
+                users[k] = users.get(k, 0.0) + sum(scale[d] for d in devs)
+        for k, total in users.items():
+            if total != 1.0:
                 for p in model.blocks[k].parameters():
                     if p.grad is not None:
-                        p.grad.div_(count)
+                        p.grad.div_(total)
         opt.step()
         self.metrics["times"]["body_bwd"] += t1 - t0
         self.metrics["times"]["update"] += time.perf_counter() - t1
@@ -453,6 +468,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="edge")
     p.add_argument("--control", required=True, help="the controller's endpoint")
     p.add_argument("--spec", type=Path, required=True, help="the experiment JSON written by the controller")
+    p.add_argument("--bind", default="tcp://127.0.0.1:*", help="the data plane's endpoint (the lab: its edge address)")
     p.add_argument("--record", type=Path, help="append every received message here (privacy test)")
     p.add_argument("--parent-pid", type=int, help="exit when this process (the controller) dies")
     return p.parse_args(argv)
@@ -475,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec.scheme == "centralized":
             raise TestbedError("a centralized experiment has no edge")
         torch.set_num_threads(spec.runtime.edge_threads)
-        edge = EdgeTrainer(spec, args.name, ctx, stop, recorder)
+        edge = EdgeTrainer(spec, args.name, ctx, stop, recorder, args.bind)
         ctrl = control_socket(ctx, args.name, args.control)
         send_message(ctrl, Kind.PING, args.name, 0, meta={"pid": os.getpid(), "endpoint": edge.endpoint})
         edge.serve(ctrl)

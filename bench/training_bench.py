@@ -1,7 +1,7 @@
 """Benchmark: U-shaped PSL vs SFL, vanilla SL and centralized training (accuracy and wall-clock per epoch).
 
 Runs each experiment file in turn (a fresh run directory each), then writes a comparison into the output
-directory: ``comparison.md`` (a Markdown table for docs/BENCHMARKS.training.md), ``comparison.json``,
+directory: ``comparison.md`` (a Markdown table for the Training section of docs/BENCHMARKS.md), ``comparison.json``,
 ``accuracy.png`` (test accuracy per round, all schemes) and ``time_breakdown.png``.
 
     .venv/bin/python bench/training_bench.py experiments/*.yaml --out runs/bench-training
@@ -59,7 +59,9 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     for item in overrides:
         key, _, raw = item.partition("=")
         path = key.split(".")
-        if scheme != "psl" and path[-1] in ("fedavg_every", "mode"):
+        if scheme != "psl" and path[-1] in ("fedavg_every", "mode", "fedavg_optimizer"):
+            continue
+        if scheme not in ("psl", "sfl") and path[-1] == "batch_sizes":
             continue
         if scheme == "centralized" and (path[0] in ("devices", "split") or path[-1] in ("partition", "alpha")):
             continue
@@ -78,13 +80,18 @@ def row(res: dict[str, Any], ref_acc: float | None) -> str:
         data["partition"] + (f" α={data['alpha']}" if data["partition"] == "dirichlet" else ""))
     fedavg = {"psl": f"every {t['fedavg_every']} steps" if t["fedavg_every"] else "never", "sfl": "every round",
               "sl": "relay", "centralized": "-"}[res["scheme"]]
+    if t.get("fedavg_optimizer"):
+        fedavg += " + optimizer state"
+    batch = str(t["batch_size"])
+    if t.get("batch_sizes") == "by_shard":
+        batch += f" (by shard, ≤ {'/'.join(map(str, res.get('batch_sizes') or []))})"
     devices = "-" if res["scheme"] == "centralized" else str(exp["devices"])
     acc = 100 * res["final"]["test_acc"]
     delta = f"{acc - 100 * ref_acc:+.2f}" if ref_acc is not None else ""
     per_epoch = " / ".join(f"{s:.0f}" for s in res["epoch_train_s"])
     mb = sum(d["bytes_up"] + d["bytes_down"] for d in res["devices"].values()) / 1e6 if res["scheme"] != "centralized" \
         else 0.0
-    return (f"| {res['name']} | {res['scheme']} | {devices} | {part} | {t['batch_size']} | {fedavg} | "
+    return (f"| {res['name']} | {res['scheme']} | {devices} | {part} | {batch} | {fedavg} | "
             f"{acc:.2f} | {delta} | {per_epoch} | {mb:.0f} |")
 
 

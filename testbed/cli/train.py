@@ -1,9 +1,10 @@
-"""`testbed train EXPERIMENT.yaml`: split learning (psl, sfl, sl) or the centralized reference, on loopback."""
+"""`testbed train EXPERIMENT.yaml`: split learning (psl, sfl, sl) or the centralized reference, on loopback
+or (``--lab``) with the edge and the devices inside the emulated lab's namespaces, over its shaped links."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -11,6 +12,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from testbed.training.experiment import ExperimentSpec, load_experiment
+
+if TYPE_CHECKING:
+    from testbed.training.runners import Placement
+
+
+def lab_placement(prefix: str, state_dir: Path | None = None) -> Placement:
+    """The edge and each device trainer in its lab host's namespace (and CPU quota): the data plane runs over
+    the shaped links to the edge's lab address; the control plane over a Unix socket (not shaped)."""
+    from testbed.cli.demo import lab_placement as demo_lab_placement
+    from testbed.training.runners import Placement
+
+    lab = demo_lab_placement(prefix, state_dir)  # the lab's hosts, wrapper and edge address
+    return Placement(wrap=lab.wrap, edge_bind=lab.edge_bind, control_ipc=True, max_devices=lab.max_devices,
+                     description=lab.description)
 
 
 def _describe(spec: ExperimentSpec) -> str:
@@ -58,10 +73,14 @@ def train(
     = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="discard a previous run in the run directory")] = False,
     check: Annotated[bool, typer.Option("--check", help="only validate the experiment file")] = False,
+    lab: Annotated[bool, typer.Option("--lab", help="run the edge and the devices inside the emulated lab")] = False,
+    lab_prefix: Annotated[str, typer.Option(help="prefix of the lab to use with --lab")] = "tb",
+    lab_state_dir: Annotated[Path | None, typer.Option(help="where that lab's record is kept")] = None,
 ) -> None:
     """Train a model across devices and an edge server (U-shaped PSL, SFL, vanilla SL) or centrally.
 
-    Starts the edge and one trainer per device as processes on loopback, checkpoints every round
+    Starts the edge and one trainer per device as processes on loopback (or, with --lab, in the lab's
+    namespaces: `testbed lab up` first; one lab device per experiment device), checkpoints every round
     (`--resume` continues after a crash), and writes rounds.csv, devices.csv, rounds.json,
     results.json, accuracy.png and time_breakdown.png into the run directory, and the trained
     models (weights, ONNX heads and tails) into its export/ folder.
@@ -76,6 +95,9 @@ def train(
         return
     if resume and fresh:
         raise typer.BadParameter("--resume and --fresh exclude each other")
+    placement = lab_placement(lab_prefix, lab_state_dir) if lab and spec.scheme != "centralized" else None
+    if placement is not None:
+        console.print(f"agents in {placement.description}", highlight=False)
     out = run_dir or Path("runs") / spec.name
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn())
@@ -93,6 +115,6 @@ def train(
             elif kind == "exported":
                 progress.update(task, info=progress.tasks[0].fields["info"] + " · exported")
 
-        results = run_experiment(spec, out, resume=resume, fresh=fresh, on_event=on_event)
+        results = run_experiment(spec, out, resume=resume, fresh=fresh, on_event=on_event, placement=placement)
     render(results, console)
     console.print(f"outputs in {out}/ (rounds.csv, devices.csv, results.json, *.png, export/)")

@@ -3,6 +3,7 @@
 An experiment is described first (:class:`ExperimentSpec`, a frozen dataclass built only by
 :func:`parse_experiment` / :func:`load_experiment`, which reject unknown keys, wrong types and
 impossible splits with every problem listed at once) and run second (``testbed.training.schemes``).
+The schedule (``plan_round`` and friends) lives in :mod:`testbed.training.schedule`, re-exported here.
 Example (every key but ``scheme`` has a default)::
 
     name: psl-iid
@@ -22,11 +23,13 @@ Example (every key but ``scheme`` has a default)::
       lr: 0.001
       momentum: 0.0             # sgd only
       weight_decay: 0.0
-      batch_size: 64            # per device and step
+      batch_size: 64            # per device and step (by_shard: the mean per device)
+      batch_sizes: equal        # psl/sfl: equal | by_shard (the same steps for all, batches ~ shard sizes)
       epochs: 1
       rounds_per_epoch: 4       # a round ends with FedAvg (sfl), evaluation and a checkpoint
       seed: 0
       fedavg_every: 0           # psl: average the device-side models every K steps (0: never)
+      fedavg_optimizer: false   # psl: average the devices' optimizer state too (Adam moments)
       mode: sync                # psl: sync | async
     runtime:                    # how, not what: not part of the experiment's identity
       edge_threads: 1           # torch threads of the edge
@@ -36,15 +39,14 @@ Example (every key but ``scheme`` has a default)::
       timeout_s: 600
       export_onnx: true
 
-The schedule (which device runs which steps in which round) is a pure function of the spec and the
-shard sizes: see :func:`plan_round`.
+The schedule (which device runs which steps in which round, with which batch) is a pure function of the
+spec and the shard sizes: see :mod:`testbed.training.schedule` (``device_steps``, ``plan_round``).
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import itertools
 import json
 import math
 import numbers
@@ -53,10 +55,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
-from testbed.errors import TestbedError
+from testbed.training.errors import ExperimentError
+from testbed.training.schedule import (
+    RoundPlan,
+    Segment,
+    SegmentPart,
+    batch_bounds,
+    batch_order,
+    device_steps,
+    max_batch,
+    plan_round,
+    steps_per_epoch,
+)
 
 __all__ = [
     "DATASETS",
@@ -72,8 +84,11 @@ __all__ = [
     "Segment",
     "SegmentPart",
     "TrainingSpec",
+    "batch_bounds",
     "batch_order",
+    "device_steps",
     "load_experiment",
+    "max_batch",
     "parse_experiment",
     "plan_round",
     "steps_per_epoch",
@@ -84,11 +99,8 @@ OPTIMIZERS = ("adam", "sgd")
 DATASETS = ("fashion-mnist", "digits", "auto")
 PARTITIONS = ("iid", "dirichlet")
 MODES = ("sync", "async")
+BATCH_SIZES = ("equal", "by_shard")
 MAX_DEVICES = 64
-
-
-class ExperimentError(TestbedError):
-    """The experiment file is invalid; the message lists every problem, one per line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +138,13 @@ class TrainingSpec:
     seed: int = 0
     fedavg_every: int = 0
     mode: str = "sync"
+    batch_sizes: str = "equal"
+    fedavg_optimizer: bool = False
+
+
+#: Training keys added after the first release: left out of the identity while at their default, so the
+#: checkpoints of earlier runs still resume.
+_LATER_KEYS = {"batch_sizes": "equal", "fedavg_optimizer": False}
 
 
 @dataclass(frozen=True)
@@ -169,6 +188,9 @@ class ExperimentSpec:
         """Hash of everything that decides the result (not ``name`` or ``runtime``): resume checks it."""
         d = self.to_dict()
         del d["name"], d["runtime"]
+        for key, default in _LATER_KEYS.items():
+            if d["training"][key] == default:
+                del d["training"][key]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -364,6 +386,14 @@ def parse_experiment(data: Any, source: str = "<experiment>", default_name: str 
                   + ("averages every round)" if scheme == "sfl" else "has no device-side averaging)"))
         if mode != "sync":
             p.add("training.mode", "only psl has an asynchronous mode")
+    batch_sizes = _choice(p, "training.batch_sizes", t.get("batch_sizes"), "equal", BATCH_SIZES)
+    if batch_sizes != "equal" and scheme not in ("psl", "sfl"):
+        p.add("training.batch_sizes", f"only applies to the parallel schemes psl and sfl, not {scheme}")
+    if batch_sizes != "equal" and mode != "sync":
+        p.add("training.batch_sizes", "by_shard needs the synchronous mode (the edge weighs each step's batches)")
+    fedavg_optimizer = _bool(p, "training.fedavg_optimizer", t.get("fedavg_optimizer"), False)
+    if fedavg_optimizer and (scheme != "psl" or not fedavg_every):
+        p.add("training.fedavg_optimizer", "only applies to psl with fedavg_every > 0")
     training = TrainingSpec(
         optimizer=optimizer,
         lr=_float(p, "training.lr", t.get("lr"), defaults.lr, 0.0, strict=True) or defaults.lr,
@@ -376,6 +406,8 @@ def parse_experiment(data: Any, source: str = "<experiment>", default_name: str 
         seed=_int(p, "training.seed", t.get("seed"), 0, 0, 2**32 - 1) or 0,
         fedavg_every=fedavg_every,
         mode=mode,
+        batch_sizes=batch_sizes,
+        fedavg_optimizer=fedavg_optimizer,
     )
 
     r = _mapping(p, "runtime", top.get("runtime"), tuple(RuntimeSpec.__dataclass_fields__))
@@ -439,116 +471,3 @@ def load_experiment(path: Path) -> ExperimentSpec:
     if data is None:
         raise ExperimentError(f"{path} is empty")
     return parse_experiment(data, source=str(path), default_name=path.stem)
-
-
-# ---------------------------------------------------------------------------------------------
-# The schedule (pure)
-
-
-@dataclass(frozen=True)
-class SegmentPart:
-    """Device ``device`` (an index) runs its epoch-local steps ``[first, end)``; step ``s`` has seq
-    ``seq0 + s - first``."""
-
-    device: int
-    first: int
-    end: int
-    seq0: int
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Steps run without a pause; parts of a parallel segment run at the same time, in lockstep."""
-
-    epoch: int
-    parts: tuple[SegmentPart, ...]
-    fedavg_after: bool = False
-
-    @property
-    def steps(self) -> int:
-        return max((p.end - p.first for p in self.parts), default=0)
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    round: int
-    epoch: int
-    segments: tuple[Segment, ...]
-    epoch_progress: float  # epochs completed at the end of this round (e.g. 1.25)
-
-
-def _batches(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
-
-
-def steps_per_epoch(scheme: str, sizes: list[int], batch_size: int) -> int:
-    """Synchronous steps in one epoch: parallel schemes take the longest shard, sl walks every shard in turn."""
-    if scheme in ("psl", "sfl"):
-        return max(_batches(n, batch_size) for n in sizes)
-    if scheme == "sl":
-        return sum(_batches(n, batch_size) for n in sizes)
-    if scheme == "centralized":
-        return _batches(sum(sizes), batch_size)
-    raise ExperimentError(f"unknown scheme {scheme!r}")
-
-
-def _round_range(r: int, steps: int, rounds_per_epoch: int) -> tuple[int, int, int]:
-    epoch, j = divmod(r, rounds_per_epoch)
-    return epoch, j * steps // rounds_per_epoch, (j + 1) * steps // rounds_per_epoch
-
-
-def plan_round(
-    scheme: str, sizes: list[int], batch_size: int, rounds_per_epoch: int, fedavg_every: int, r: int
-) -> RoundPlan:
-    """What runs in round ``r``: a pure function of the scheme, the shard sizes and the training spec.
-
-    Every epoch has ``S = steps_per_epoch(...)`` steps, cut into ``rounds_per_epoch`` rounds of
-    ``S / rounds_per_epoch`` steps, so round ``r`` covers the same share of an epoch in every scheme.
-    psl/sfl: in epoch step ``s`` every device with a ``s``-th batch runs it, all at once; a psl
-    segment ends every ``fedavg_every`` global steps with a FedAvg. sl: device 0 runs all its
-    batches, then device 1, ... (a segment per device turn). centralized: one "device" holding all data.
-    """
-    if rounds_per_epoch < 1 or batch_size < 1 or not sizes or min(sizes) < 1:
-        raise ExperimentError("plan_round needs rounds_per_epoch >= 1, batch_size >= 1 and non-empty shards")
-    steps = steps_per_epoch(scheme, sizes, batch_size)
-    if steps < rounds_per_epoch:
-        raise ExperimentError(
-            f"training.rounds_per_epoch={rounds_per_epoch} is more than the {steps} steps in an epoch "
-            f"(batch size {batch_size}, shards of {min(sizes)}..{max(sizes)} samples); lower it"
-        )
-    epoch, lo, hi = _round_range(r, steps, rounds_per_epoch)
-    base = epoch * steps
-    segments: list[Segment] = []
-    if scheme in ("psl", "sfl"):
-        cuts = [lo]
-        if scheme == "psl" and fedavg_every > 0:
-            first = -(-(base + lo + 1) // fedavg_every) * fedavg_every - base  # next multiple of K after lo
-            cuts += list(range(first, hi, fedavg_every))
-        cuts.append(hi)
-        for s0, s1 in itertools.pairwise(cuts):
-            if s1 <= s0:
-                continue
-            parts = tuple(
-                SegmentPart(d, s0, min(s1, _batches(n, batch_size)), base + s0)
-                for d, n in enumerate(sizes)
-                if s0 < _batches(n, batch_size)
-            )
-            fedavg = scheme == "psl" and fedavg_every > 0 and (base + s1) % fedavg_every == 0
-            segments.append(Segment(epoch, parts, fedavg))
-    elif scheme == "sl":
-        offset = 0
-        for d, n in enumerate(sizes):
-            k = _batches(n, batch_size)
-            s0, s1 = max(lo - offset, 0), min(hi - offset, k)
-            if s0 < s1:
-                segments.append(Segment(epoch, (SegmentPart(d, s0, s1, base + offset + s0),)))
-            offset += k
-    else:  # centralized
-        segments.append(Segment(epoch, (SegmentPart(0, lo, hi, base + lo),)))
-    progress = epoch + hi / steps
-    return RoundPlan(r, epoch, tuple(segments), round(progress, 6))
-
-
-def batch_order(seed: int, stream: int, epoch: int, n: int) -> np.ndarray:
-    """The order in which a device (``stream`` = its index; centralized uses 0) visits its ``n`` samples in an epoch."""
-    return np.random.default_rng([seed, stream, epoch]).permutation(n)

@@ -91,7 +91,8 @@ def write_tables(run_dir: Path, spec: ExperimentSpec, history: list[dict[str, An
 
 
 def summarise(spec: ExperimentSpec, history: list[dict[str, Any]], sizes: list[int], dataset: str,
-              exported: dict[str, Any], resumed: bool = False, session_s: float | None = None) -> dict[str, Any]:
+              exported: dict[str, Any], resumed: bool = False, session_s: float | None = None,
+              batch_sizes: list[int] | None = None, steps: list[int] | None = None) -> dict[str, Any]:
     """The run's summary (``results.json``)."""
     per_epoch: dict[int, float] = {}
     for rec in history:
@@ -112,6 +113,8 @@ def summarise(spec: ExperimentSpec, history: list[dict[str, Any]], sizes: list[i
         "dataset": dataset,
         "experiment": spec.to_dict(),
         "shard_sizes": sizes,
+        "batch_sizes": batch_sizes,  # the largest batch of each device
+        "device_steps": steps,  # each device's steps per epoch
         "rounds": len(history),
         "final": {k: last.get(k) for k in ("test_acc", "test_loss", "train_loss", "train_acc", "test_acc_by_model")},
         "best_test_acc": max((r["test_acc"] for r in history), default=None),

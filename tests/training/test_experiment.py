@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ from typer.testing import CliRunner
 
 from testbed.training.experiment import (
     ExperimentError,
+    batch_bounds,
     batch_order,
+    device_steps,
     load_experiment,
     parse_experiment,
     plan_round,
@@ -27,7 +30,11 @@ def problems(doc: object) -> str:
     return str(info.value)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+TRAINING_EXPERIMENTS = sorted(p for pattern in ("psl*.yaml", "sfl*.yaml", "sl*.yaml", "centralized*.yaml")
+                              for p in (REPO / "experiments").glob(pattern))  # run-*.yaml: the controller's
+
+
+@pytest.mark.parametrize("path", TRAINING_EXPERIMENTS, ids=lambda p: p.name)
 def test_example_experiments_are_valid(path: Path) -> None:
     spec = load_experiment(path)
     assert spec.name == path.stem
@@ -47,6 +54,11 @@ def test_defaults_round_trip_and_identity() -> None:
     renamed = parse_experiment({**PSL, "name": "other", "runtime": {"timeout_s": 5, "edge_threads": 2}})
     assert renamed.identity_hash() == spec.identity_hash()
     assert parse_experiment({**PSL, "training": {"seed": 1}}).identity_hash() != spec.identity_hash()
+    # Keys added later change the identity only when set, so checkpoints written before them still resume.
+    same = parse_experiment({**PSL, "training": {"batch_sizes": "equal", "fedavg_optimizer": False}})
+    assert same.identity_hash() == spec.identity_hash()
+    assert parse_experiment({**PSL, "training": {"batch_sizes": "by_shard"}}).identity_hash() != spec.identity_hash()
+    assert spec.identity_hash() == "8be9435b001a9e0eb40a7b79313d3885313a4b8fffbb5c7cb12435b81d70e322"  # as before
     per_device = parse_experiment({**PSL, "split": [[3, 7], [2, 7], [3, 8], [1, 9]]})
     assert per_device.splits == ((3, 7), (2, 7), (3, 8), (1, 9))
 
@@ -72,6 +84,14 @@ def test_defaults_round_trip_and_identity() -> None:
         ({"scheme": "psl"}, "split: required for split schemes"),
         ({**PSL, "scheme": "sfl", "split": [[3, 7], [3, 7], [3, 7], [2, 7]]}, "sfl needs one split for all devices"),
         ({**PSL, "scheme": "sl", "training": {"fedavg_every": 5}}, "fedavg_every: only applies to psl"),
+        ({**PSL, "scheme": "sl", "training": {"batch_sizes": "by_shard"}},
+         "training.batch_sizes: only applies to the parallel schemes psl and sfl, not sl"),
+        ({**PSL, "training": {"batch_sizes": "proportional"}}, "training.batch_sizes: expected one of equal, by_shard"),
+        ({**PSL, "training": {"batch_sizes": "by_shard", "mode": "async"}}, "by_shard needs the synchronous mode"),
+        ({**PSL, "training": {"fedavg_optimizer": True}},
+         "fedavg_optimizer: only applies to psl with fedavg_every > 0"),
+        ({**PSL, "training": {"fedavg_every": 1, "fedavg_optimizer": "yes"}},
+         "training.fedavg_optimizer: expected true or false"),
         ({**PSL, "scheme": "sfl", "training": {"mode": "async"}}, "training.mode: only psl has an asynchronous"),
         ({"scheme": "centralized", "split": [3, 7]}, "centralized training has no split"),
         ({**PSL, "data": {"partition": "dirichlet"}}, "data.alpha: required for the dirichlet partition"),
@@ -123,11 +143,13 @@ def test_yaml_level_errors(tmp_path: Path) -> None:
 # The schedule
 
 
-def walk(scheme: str, sizes: list[int], batch: int, rounds: int, k: int, epochs: int = 2):
+def walk(scheme: str, sizes: list[int], batch: int, rounds: int, k: int, epochs: int = 2,
+         steps: list[int] | None = None):
     """Every (epoch, device, step, seq) the plan runs, and the segments."""
+    own = steps
     steps, segments = [], []
     for r in range(rounds * epochs):
-        plan = plan_round(scheme, sizes, batch, rounds, k, r)
+        plan = plan_round(scheme, sizes, batch, rounds, k, r, own)
         assert plan.round == r and plan.epoch == r // rounds
         for seg in plan.segments:
             segments.append(seg)
@@ -144,20 +166,23 @@ def walk(scheme: str, sizes: list[int], batch: int, rounds: int, k: int, epochs:
     batch=st.integers(1, 64),
     rounds=st.integers(1, 5),
     k=st.integers(0, 7),
+    by_shard=st.booleans(),
 )
-def test_every_device_visits_each_of_its_batches_once_per_epoch(scheme, sizes, batch, rounds, k) -> None:
+def test_every_device_visits_each_of_its_batches_once_per_epoch(scheme, sizes, batch, rounds, k, by_shard) -> None:
     if scheme != "psl":
         k = 0
-    total = steps_per_epoch(scheme, sizes, batch)
+    # own step counts: ceil(n_i / batch), or (by_shard) arbitrary ones
+    own = [1 + (n * 7 + batch) % 40 for n in sizes] if by_shard else [-(-n // batch) for n in sizes]
+    total = steps_per_epoch(scheme, sizes, batch, own if by_shard else None)
     if total < rounds:
         with pytest.raises(ExperimentError, match="rounds_per_epoch"):
-            plan_round(scheme, sizes, batch, rounds, k, 0)
+            plan_round(scheme, sizes, batch, rounds, k, 0, own if by_shard else None)
         return
-    steps, segments = walk(scheme, sizes, batch, rounds, k)
+    steps, segments = walk(scheme, sizes, batch, rounds, k, steps=own if by_shard else None)
     for epoch in range(2):
-        for d, n in enumerate(sizes):
+        for d in range(len(sizes)):
             mine = [s for e, dev, s, _ in steps if e == epoch and dev == d]
-            assert mine == list(range(-(-n // batch)))  # in order, each batch once
+            assert mine == list(range(own[d]))  # in order, each batch once
     seqs_by_device = {}
     for e, d, _, q in steps:
         seqs_by_device.setdefault(d, []).append(q)
@@ -176,6 +201,44 @@ def test_every_device_visits_each_of_its_batches_once_per_epoch(scheme, sizes, b
             assert seg.fedavg_after == (end % k == 0)
             start = min(p.seq0 for p in seg.parts)
             assert all(q % k for q in range(start + 1, end)), "no FedAvg boundary inside a segment"
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30000), min_size=1, max_size=8), batch=st.integers(1, 64),
+       epoch=st.integers(0, 3))
+def test_by_shard_cuts_every_shard_into_the_steps_of_a_centralized_epoch(sizes, batch, epoch) -> None:
+    S = -(-sum(sizes) // (batch * len(sizes)))
+    if min(sizes) < S:
+        with pytest.raises(ExperimentError, match="cannot fill the"):
+            device_steps("by_shard", sizes, batch)
+        return
+    assert device_steps("by_shard", sizes, batch) == [S] * len(sizes)
+    for n in sizes:
+        bounds = [batch_bounds("by_shard", n, batch, S, s) for s in range(S)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n  # every sample once, in order
+        assert all(hi == nxt for (_, hi), (nxt, _) in itertools.pairwise(bounds))
+        lens = [hi - lo for lo, hi in bounds]
+        assert min(lens) >= 1 and max(lens) - min(lens) <= 1  # nearly equal batches
+    # every step's union of batches is about the global batch
+    for s in range(S):
+        total = sum(hi - lo for lo, hi in (batch_bounds("by_shard", n, batch, S, s) for n in sizes))
+        assert abs(total - sum(sizes) / S) <= len(sizes)
+    assert device_steps("equal", sizes, batch) == [-(-n // batch) for n in sizes]
+
+
+def test_by_shard_batches_end_the_epoch_together() -> None:
+    """The Dirichlet(0.5) shards of Fashion-MNIST in experiments/psl-noniid.yaml: equal batches of 16 leave the
+    largest shard training alone for 807 of 1588 steps; by_shard walks every shard in the 938 steps of a
+    centralized epoch with batch 64 (batches of 11 to 28)."""
+    sizes = [12496, 10240, 25396, 11868]
+    assert steps_per_epoch("psl", sizes, 16) == 1588 and -(-12496 // 16) == 781
+    steps = device_steps("by_shard", sizes, 16)
+    assert steps == [938] * 4 and steps_per_epoch("psl", sizes, 16, steps) == 938
+    lens = [{hi - lo for lo, hi in (batch_bounds("by_shard", n, 16, 938, s) for s in range(938))} for n in sizes]
+    assert lens == [{13, 14}, {10, 11}, {27, 28}, {12, 13}]
+    walked, _ = walk("psl", sizes, 16, 4, 1, epochs=1, steps=steps)
+    for d in range(len(sizes)):
+        assert [s for _, dev, s, _ in walked if dev == d] == list(range(938))
 
 
 def test_plan_examples() -> None:

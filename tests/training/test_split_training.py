@@ -66,7 +66,8 @@ def one_thread() -> Iterator[None]:
 
 
 def test_meta_and_state_round_trip() -> None:
-    from testbed.training.schemes import Party, ProtocolError
+    from testbed.training.errors import ProtocolError
+    from testbed.training.state import Party
     from testbed.wire.messages import MetaError, pack_meta, unpack_meta
 
     meta = {"op": "load", "parts": {"dev1": [0, 4]}, "x": 1.5}
@@ -94,7 +95,7 @@ def test_meta_and_state_round_trip() -> None:
 
 
 def test_fedavg_weights_by_samples_and_is_deterministic() -> None:
-    from testbed.training.schemes import fedavg
+    from testbed.training.state import fedavg
 
     s1 = {"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
     s2 = {"w": np.array([3.0, 6.0], np.float32), "n": np.array(5, np.int64)}
@@ -313,15 +314,17 @@ def test_privacy_the_edge_sees_only_activations_and_gradients(reference: Run) ->
 
 def psl_reference(spec: ExperimentSpec, run_dir: Path) -> dict[str, np.ndarray]:
     """Synchronous U-shaped PSL written out in one process, as plainly as possible: per step, every active
-    device's head; the body once per group of devices with the same split (their activations concatenated in
-    device order); each device's tail and loss; the body backward; the body's gradient averaged over the
-    devices that used each block; one body update; each device's head backward and update; FedAvg of the
-    device-side models every K steps. Returns the final states named as in the run's checkpoint."""
+    device's head on its batch (equal, or by_shard: proportional to its shard); the body once per group of
+    devices with the same split (their activations concatenated in device order); each device's tail and
+    loss; the body backward; the body's gradient the mean over the samples of the devices that used each
+    block (each device's loss weighted by its batch); one body update; each device's head backward and
+    update; FedAvg of the device-side models (and with fedavg_optimizer of their optimizer state) every K
+    steps. Returns the final states named as in the run's checkpoint."""
     import copy
 
     from testbed.models import build_model
-    from testbed.training.experiment import batch_order, steps_per_epoch
-    from testbed.training.schemes import _in_blocks, device_blocks, edge_blocks, fedavg, make_optimizer
+    from testbed.training.experiment import batch_bounds, batch_order, device_steps, steps_per_epoch
+    from testbed.training.state import device_blocks, edge_blocks, fedavg, in_blocks, make_optimizer
 
     t = spec.training
     torch.manual_seed(t.seed)
@@ -333,26 +336,33 @@ def psl_reference(spec: ExperimentSpec, run_dir: Path) -> dict[str, np.ndarray]:
             shards.append((torch.from_numpy(f["x"]), torch.from_numpy(f["y"])))
     devs = [copy.deepcopy(init).train() for _ in shards]
     body = copy.deepcopy(init).train()
-    dev_names = [[n for n, _ in m.named_parameters() if _in_blocks(n, frozenset(device_blocks(spec, i)))]
-                 for i, m in enumerate(devs)]
-    dev_opts = [make_optimizer([dict(m.named_parameters())[n] for n in names], t)
-                for m, names in zip(devs, dev_names, strict=True)]
+    dev_params = [[(n, p) for n, p in m.named_parameters() if in_blocks(n, frozenset(device_blocks(spec, i)))]
+                  for i, m in enumerate(devs)]
+    dev_opts = [make_optimizer([p for _, p in named], t) for named in dev_params]
     edge_keep = frozenset(edge_blocks(spec))
-    edge_opt = make_optimizer([p for n, p in body.named_parameters() if _in_blocks(n, edge_keep)], t)
+    edge_opt = make_optimizer([p for n, p in body.named_parameters() if in_blocks(n, edge_keep)], t)
     sizes = [len(y) for _, y in shards]
-    B = t.batch_size
-    S = steps_per_epoch("psl", sizes, B)
+    own = device_steps(t.batch_sizes, sizes, t.batch_size)
+    S = steps_per_epoch("psl", sizes, t.batch_size, own)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def device_state(i: int) -> dict[str, np.ndarray]:
+    def device_state(i: int, optimizer: bool = False) -> dict[str, np.ndarray]:
         keep = frozenset(device_blocks(spec, i))
-        return {f"w/main/{k}": v.numpy().copy() for k, v in devs[i].state_dict().items() if _in_blocks(k, keep)}
+        out = {f"w/main/{k}": v.numpy().copy() for k, v in devs[i].state_dict().items() if in_blocks(k, keep)}
+        if optimizer:
+            for name, param in dev_params[i]:
+                for field_name, value in dev_opts[i].state.get(param, {}).items():
+                    out[f"o/main/{name}/{field_name}"] = value.numpy().copy()
+        return out
 
     for e in range(t.epochs):
         orders = [torch.from_numpy(batch_order(t.seed, i, e, n)) for i, n in enumerate(sizes)]
         for s in range(S):
-            active = [i for i, n in enumerate(sizes) if s * B < n]
-            batches = {i: orders[i][s * B : (s + 1) * B] for i in active}
+            active = [i for i in range(len(sizes)) if s < own[i]]
+            bounds = {i: batch_bounds(t.batch_sizes, sizes[i], t.batch_size, own[i], s) for i in active}
+            batches = {i: orders[i][lo:hi] for i, (lo, hi) in bounds.items()}
+            mean_b = sum(len(batches[i]) for i in active) / len(active)
+            scale = {i: len(batches[i]) / mean_b for i in active}
             a1 = {i: devs[i].run(shards[i][0][batches[i]], 0, spec.splits[i][0]) for i in active}
             groups: dict[tuple[int, int], list[int]] = {}
             for i in active:
@@ -369,35 +379,43 @@ def psl_reference(spec: ExperimentSpec, run_dir: Path) -> dict[str, np.ndarray]:
                 outs.append((h, out, members, lens))
             edge_opt.zero_grad(set_to_none=True)
             g1 = {}
-            users: dict[int, int] = {}
+            users: dict[int, float] = {}
             for h, out, members, lens in outs:
-                out.backward(torch.cat([g2[i] for i in members]))
-                g1.update(zip(members, h.grad.split(lens), strict=True))
+                out.backward(torch.cat([g2[i] if scale[i] == 1.0 else g2[i] * scale[i] for i in members]))
+                for i, piece in zip(members, h.grad.split(lens), strict=True):
+                    g1[i] = piece if scale[i] == 1.0 else piece / scale[i]
                 a, b = spec.splits[members[0]]
                 for k in range(a, b):
-                    users[k] = users.get(k, 0) + len(members)
-            for k, count in users.items():
+                    users[k] = users.get(k, 0.0) + sum(scale[i] for i in members)
+            for k, total in users.items():
                 for p in body.blocks[k].parameters():
-                    if count > 1 and p.grad is not None:
-                        p.grad.div_(count)
+                    if total != 1.0 and p.grad is not None:
+                        p.grad.div_(total)
             edge_opt.step()
             for i in active:
                 a1[i].backward(g1[i])
                 dev_opts[i].step()
                 dev_opts[i].zero_grad(set_to_none=True)
             if t.fedavg_every and (e * S + s + 1) % t.fedavg_every == 0:
-                states = [device_state(i) for i in range(len(devs))]
+                states = [device_state(i, t.fedavg_optimizer) for i in range(len(devs))]
                 for i in range(len(devs)):
+                    by_name = dict(dev_params[i])
+                    if t.fedavg_optimizer:
+                        dev_opts[i].state.clear()
                     for key in states[i]:
                         holders = [j for j in range(len(devs)) if key in states[j]]
                         avg = fedavg([{key: states[j][key]} for j in holders], [float(sizes[j]) for j in holders])
-                        name = key[len("w/main/"):]
-                        with torch.no_grad():
-                            devs[i].state_dict()[name].copy_(torch.from_numpy(avg[key]))
+                        kind, _, name = key.split("/", 2)
+                        if kind == "w":
+                            with torch.no_grad():
+                                devs[i].state_dict()[name].copy_(torch.from_numpy(avg[key]))
+                        else:
+                            pname, field_name = name.rsplit("/", 1)
+                            dev_opts[i].state[by_name[pname]][field_name] = torch.from_numpy(avg[key].copy())
     out = {}
     for i, name in enumerate(spec.device_names):
         out.update({f"{name}#{k}": v for k, v in device_state(i).items()})
-    out.update({f"edge#w/main/{k}": v.numpy().copy() for k, v in body.state_dict().items() if _in_blocks(k, edge_keep)})
+    out.update({f"edge#w/main/{k}": v.numpy().copy() for k, v in body.state_dict().items() if in_blocks(k, edge_keep)})
     return out
 
 
@@ -410,6 +428,32 @@ def test_psl_over_the_wire_equals_the_plain_implementation(reference: Run) -> No
     """Three processes and an edge compute bit-for-bit what psl_reference does in one process: batching of
     same-split devices, a group per split, per-block gradient averaging, FedAvg of blocks held by some devices."""
     assert_same_states(weights_only(checkpoint(reference.run_dir)), psl_reference(reference.spec, reference.run_dir))
+
+
+@pytest.mark.slow
+def test_psl_by_shard_batches_and_optimizer_averaging_equal_the_plain_implementation(tmp_path: Path) -> None:
+    """Unequal (Dirichlet) shards, each cut into the same number of steps (batches in proportion to the
+    shards), the body's gradient weighted by each device's batch, device-side weights and Adam state averaged
+    every 2 steps: the wire computes bit for bit what psl_reference does."""
+    spec = experiment(scheme="psl", devices=3, split=[[3, 7], [3, 7], [4, 7]],
+                      data={"partition": "dirichlet", "alpha": 1.0, "min_samples": 40},
+                      training={"batch_size": 16, "batch_sizes": "by_shard", "fedavg_every": 2,
+                                "fedavg_optimizer": True, "epochs": 2, "rounds_per_epoch": 2})
+    res = run_experiment(spec, tmp_path / "run")
+    sizes, batches = res["shard_sizes"], res["batch_sizes"]
+    assert len(set(sizes)) == 3 and len(set(batches)) == 3
+    S = -(-sum(sizes) // 48)  # the steps of a centralized epoch with the global batch of 3 x 16
+    assert res["device_steps"] == [S] * 3
+    for r in res["history"]:  # every device takes every step: the largest shard never trains alone
+        assert len({d["steps"] for d in r["devices"]}) == 1 and sum(d["steps"] for d in r["devices"]) > 0
+    assert sum(d["samples"] for r in res["history"] for d in r["devices"]) == 2 * sum(sizes)
+    assert res["history"][0]["edge"]["max_batch"] in (batches[0] + batches[1], batches[0] + batches[1] - 1,
+                                                      batches[0] + batches[1] - 2)  # dev1 + dev2 batched
+    state = checkpoint(tmp_path / "run")
+    assert_same_states(weights_only(state), psl_reference(spec, tmp_path / "run"))
+    # optimizer state averaged too: the devices sharing a split hold the same Adam moments after the last step
+    for key in [k for k in state if k.startswith("dev1#o/")]:
+        np.testing.assert_array_equal(state[key], state[key.replace("dev1#", "dev2#")])
 
 
 @pytest.mark.slow
