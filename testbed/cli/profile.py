@@ -112,6 +112,12 @@ def render_link(link: LinkMeasurement, console: Console) -> None:
     table.add_row("one-way delay for the planner", f"{_ms(link.delay_s)} ms")
     table.add_row("uplink", f"{link.uplink_bps / 1e6:.1f} Mbit/s")
     table.add_row("downlink", "not measured" if link.downlink_bps is None else f"{link.downlink_bps / 1e6:.1f} Mbit/s")
+    if link.request_rtt is None or link.request_echo_rtt is None or link.edge_request_s is None:
+        table.add_row("edge request handling (beyond an echo)", "not measured")
+    else:
+        table.add_row("edge request handling (beyond an echo)",
+                      f"{_ms(link.edge_request_s)} ms ({link.request_bytes} bytes: empty-body request "
+                      f"{_ms(link.request_rtt.median)} ms, PING echo {_ms(link.request_echo_rtt.median)} ms)")
     for k, size in enumerate(link.sizes):
         row = f"{_ms(link.uplink_rtt[k].median)} ms up"
         if link.echo_rtt is not None:
@@ -172,6 +178,10 @@ def profile(
                 speed_source=source, progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
         render_blocks(prof, console)
+        calls = [f"b={b.batch_size}: {_cell(b.call)}" for b in prof.batches if b.call is not None]
+        if calls:
+            console.print(f"per-call cost of a session after an idle wait (charged to the tail), ms: "
+                          f"{', '.join(calls)}")
         path = save_profile(prof, out or default_profile_path(prof))
         console.print(f"block profile written to {path}")
     if edge is not None:

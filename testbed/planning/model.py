@@ -9,8 +9,9 @@ Every delay is an affine function of ``1 / f_i``::
 
     T_i(a, b, f_i) = A_i(a, b) + S_i(a, b) / f_i
 
-``A_i`` is the device compute, the transfers (bytes * 8 / rate) and the one-way delays; ``S_i`` is the body work at
-full edge speed. Both are per round: ``batches_per_round`` batches, one after the other (no pipelining).
+``A_i`` is the device compute, the transfers (bytes * 8 / rate), the one-way delays and two measured fixed costs
+per request (the edge's request handling, the device runtime's call of the separate tail session); ``S_i`` is the
+body work at full edge speed. Both are per round: ``batches_per_round`` batches, one after the other (no pipelining).
 See docs/planner.md for the stage-by-stage formulas.
 
 Units: seconds, bytes, bits per second. A device's ``speed`` divides the profiled device times (a device twice as
@@ -43,6 +44,7 @@ __all__ = [
     "body_time",
     "cost_tensor",
     "device_time",
+    "edge_requests",
     "evaluate_plan",
     "plan_to_dict",
     "split_costs",
@@ -53,10 +55,13 @@ __all__ = [
 Mode = Literal["inference", "training"]
 MODES: tuple[str, ...] = ("inference", "training")
 
-#: Stage names, in the order they happen. Inference uses the first five, training all ten.
-INFERENCE_STAGES: tuple[str, ...] = ("head_fwd", "uplink_act", "body_fwd", "downlink_act", "tail_fwd")
+#: Stage names, in the order they happen. Inference uses the first seven, training all twelve. ``edge_request``
+#: (the edge's fixed per-request handling) and ``tail_call`` (the device runtime's per-call cost of the tail
+#: session) are measured fixed costs, 0 unless the profiles give them (docs/planner.md).
+INFERENCE_STAGES: tuple[str, ...] = ("head_fwd", "uplink_act", "edge_request", "body_fwd", "downlink_act", "tail_call",
+                                     "tail_fwd")
 TRAINING_STAGES: tuple[str, ...] = (
-    "head_fwd", "uplink_act", "body_fwd", "downlink_act", "tail_fwd",
+    "head_fwd", "uplink_act", "edge_request", "body_fwd", "downlink_act", "tail_call", "tail_fwd",
     "tail_bwd", "uplink_grad", "body_bwd", "downlink_grad", "head_bwd",
 )
 EDGE_STAGES: tuple[str, ...] = ("body_fwd", "body_bwd")
@@ -78,6 +83,19 @@ def _times(name: str, values: tuple[float, ...], length: int, owner: str) -> Non
             raise PlanningError(f"{owner}: {name}[{k}] = {v!r} is not a finite number >= 0")
 
 
+def _fixed_cost(name: str, v: object, owner: str) -> None:
+    if not (_is_number(v) and math.isfinite(v) and v >= 0):  # type: ignore[arg-type]
+        raise PlanningError(f"{owner}: {name} = {v!r} must be a finite number >= 0")
+
+
+def edge_requests(problem: PlanningProblem, a: int, b: int) -> int:
+    """Requests a device sends the edge per batch with split ``(a, b)``: none device-only; one in inference;
+    in training one more for the backward when a tail sends its gradient up (``b < L``)."""
+    if a >= b:
+        return 0
+    return 2 if problem.mode == "training" and b < problem.model.n_blocks else 1
+
+
 @dataclass(frozen=True)
 class ModelProfile:
     """One model, profiled per batch (seconds, bytes).
@@ -86,7 +104,9 @@ class ModelProfile:
     whole edge. ``act_bytes[p]`` is what crosses split point ``p`` (``p = 0..L``): ``act_bytes[0]`` is the input,
     ``act_bytes[p]`` the output of block ``p - 1``, ``act_bytes[L]`` the logits; a gradient has the size of its
     activation. ``param_bytes`` (per block) feeds the device memory constraint. ``bwd_s``/``edge_bwd_s`` may be
-    all zeros for an inference-only profile.
+    all zeros for an inference-only profile. ``tail_call_s`` is the device runtime's fixed cost of one more session
+    call, paid by the tail (a separate call after the reply; the head's call is inside ``fwd_s`` when the blocks
+    are differences of head-prefix times), on the reference device like ``fwd_s``; 0 when not measured.
     """
 
     name: str
@@ -96,6 +116,7 @@ class ModelProfile:
     edge_bwd_s: tuple[float, ...]
     act_bytes: tuple[int, ...]
     param_bytes: tuple[int, ...]
+    tail_call_s: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"model {self.name!r}"
@@ -117,6 +138,8 @@ class ModelProfile:
             object.__setattr__(self, name, tuple(int(v) for v in values))
         for name in ("fwd_s", "bwd_s", "edge_fwd_s", "edge_bwd_s"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        _fixed_cost("tail_call_s", self.tail_call_s, owner)
+        object.__setattr__(self, "tail_call_s", float(self.tail_call_s))
 
     @property
     def n_blocks(self) -> int:
@@ -125,7 +148,12 @@ class ModelProfile:
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceProfile:
-    """One device and its link to the edge. ``delay_s`` is one way; each crossing pays it once."""
+    """One device and its link to the edge. ``delay_s`` is one way; each crossing pays it once.
+
+    ``edge_request_s`` is the edge's fixed handling of one request from this device, beyond a plain echo of the
+    same bytes (hand-off from the I/O thread to the compute thread, copy of the activations, wake-up, reply),
+    as measured over this device's path; 0 when not measured. It is latency, not edge work: no share divides it.
+    """
 
     name: str
     speed: float = 1.0
@@ -133,6 +161,7 @@ class DeviceProfile:
     downlink_bps: float
     delay_s: float = 0.0
     memory_bytes: int | None = None
+    edge_request_s: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"device {self.name!r}"
@@ -142,6 +171,8 @@ class DeviceProfile:
                 raise PlanningError(f"{owner}: {name} = {v!r} must be a finite number > 0")
         if not (_is_number(self.delay_s) and math.isfinite(self.delay_s) and self.delay_s >= 0):
             raise PlanningError(f"{owner}: delay_s = {self.delay_s!r} must be a finite number >= 0")
+        _fixed_cost("edge_request_s", self.edge_request_s, owner)
+        object.__setattr__(self, "edge_request_s", float(self.edge_request_s))
         if self.memory_bytes is not None and not (
             isinstance(self.memory_bytes, numbers.Integral) and not isinstance(self.memory_bytes, bool)
             and self.memory_bytes >= 0
@@ -263,8 +294,10 @@ def device_time(problem: PlanningProblem, i: int, a: int, b: int, share: float) 
     st: dict[str, float] = {}
     st["head_fwd"] = math.fsum(m.fwd_s[:a]) / dev.speed
     st["uplink_act"] = m.act_bytes[a] * up + dev.delay_s if edge else 0.0
+    st["edge_request"] = edge_requests(problem, a, b) * dev.edge_request_s
     st["body_fwd"] = body_time(math.fsum(m.edge_fwd_s[a:b]), share) if edge else 0.0
     st["downlink_act"] = m.act_bytes[b] * down + dev.delay_s if edge else 0.0
+    st["tail_call"] = m.tail_call_s / dev.speed if b < L else 0.0
     st["tail_fwd"] = math.fsum(m.fwd_s[b:]) / dev.speed
     if training:
         st["tail_bwd"] = math.fsum(m.bwd_s[b:]) / dev.speed
@@ -338,6 +371,11 @@ def cost_tensor(problem: PlanningProblem) -> tuple[np.ndarray, np.ndarray, np.nd
         # 1 <= a and b <= L - 1 for every candidate, so both gradients always cross.
         xfer = xfer + act[b] * up + act[a] * down + 2 * delay
     k = problem.batches_per_round
+    # Fixed costs: every candidate has a tail (b <= L - min_tail), so it pays the tail's call; an edge user pays
+    # the edge's request handling once per request (edge_requests: 1, or 2 in training, where b < L always).
+    dev_work = dev_work + m.tail_call_s
+    requests = 2.0 if problem.mode == "training" else 1.0
+    xfer = xfer + requests * np.array([d.edge_request_s for d in devs])[:, None]
     A = k * (dev_work[None, :] / speed + np.where(edge, xfer, 0.0))
     S = np.broadcast_to(k * np.where(a < b, body, 0.0)[None, :], A.shape).copy()
     mem = np.array([np.inf if d.memory_bytes is None else d.memory_bytes for d in devs])[:, None]

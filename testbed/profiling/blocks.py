@@ -6,6 +6,12 @@
   ``H(i+1) - H(i)``: a head is one session, and onnxruntime's per-call cost (about 8 µs here) and its fusions
   across blocks would make a sum of single-block times overstate a head by up to a third for a small model.
   Method ``block`` exports every block ``[i, i+1)`` on its own and chains the sessions.
+  With ``prefix``, a device's tail ``[b, L)`` is its own session call, whose fixed cost the differences leave
+  out; it is measured as the agent pays it — after an idle wait like the wait for the edge's reply, when caches
+  and the CPU have gone cold (on the CI VM about 0.14 ms against 0.01 ms back to back): the last block
+  ``[L-1, L)`` as its own session, called ``CALL_REPEATS`` times each after ``CALL_IDLE_S`` of sleep, less the
+  block's compute — its prefix difference ``H(L) - H(L-1)``, or the same session's back-to-back time if smaller
+  (the batch's ``call``; the planner charges it to the tail).
 * ``torch`` inference (the edge body): ``torch.inference_mode``, on CPU or CUDA; on CUDA every timed call is
   bracketed by ``torch.cuda.synchronize`` so the time covers the kernels, not only their launch.
 * ``torch`` training (device or edge training): the model in train mode; per block, the forward with autograd
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import math
 import os
@@ -53,6 +60,9 @@ Clock = Callable[[], int]
 MAX_BATCH = 65536
 #: How onnxruntime block times are measured (see the module docstring); the first is the default.
 ORT_METHODS: tuple[str, ...] = ("prefix", "block")
+#: The per-call cost (method prefix): calls of the last block's own session, each after an idle wait.
+CALL_REPEATS = 30
+CALL_IDLE_S = 0.010
 
 
 def param_bytes(model: BlockModel) -> tuple[int, ...]:
@@ -154,9 +164,10 @@ def _ort_session(path: Path, threads: int) -> Any:
     return cpu_session(path, threads, error=ProfileError)
 
 
-def _export_graphs(model: BlockModel, workdir: Path, method: str, counter: _Counter) -> tuple[list[Path], Path]:
+def _export_graphs(model: BlockModel, workdir: Path, method: str, counter: _Counter
+                   ) -> tuple[list[Path], Path, Path | None]:
     """ONNX graphs (input ``x``, output ``y``): one per block (``block``) or one per head prefix ``[0, k)``
-    (``prefix``, k = 1..L), and one of the whole model."""
+    (``prefix``, k = 1..L-1), one of the whole model, and (``prefix``) the last block on its own."""
     from testbed.errors import PartitionError
     from testbed.partition import _export  # the exporter of heads and tails, with its fallback and checks
 
@@ -176,9 +187,15 @@ def _export_graphs(model: BlockModel, workdir: Path, method: str, counter: _Coun
         full = _export(nn.Sequential(*blocks), example, "x", "y", workdir / "model.onnx",
                        {"testbed.model": model.name, "testbed.blocks": f"0:{L}"}, None)
         counter.step()
+        last = None
+        if method == "prefix":
+            example = torch.randn(2, *shapes[L - 1], generator=gen)
+            last = _export(nn.Sequential(blocks[L - 1]), example, "x", "y", workdir / "last.onnx",
+                           {"testbed.model": model.name, "testbed.blocks": f"{L - 1}:{L}"}, None)
+            counter.step()
     except PartitionError as exc:
         raise ProfileError(f"cannot export {model.name!r} to ONNX: {exc}") from None
-    return paths, full
+    return paths, full, last
 
 
 def _prefix_timings(batch: int, prefix: list[list[float]]) -> BatchTimings:
@@ -200,11 +217,35 @@ def _prefix_timings(batch: int, prefix: list[list[float]]) -> BatchTimings:
     return BatchTimings(batch_size=batch, fwd=tuple(fwd), model_fwd=Stat.of(prefix[-1]))
 
 
+def _call_cost(last: Any, x_last: np.ndarray, last_block_s: float, clock: Clock) -> Stat:
+    """The fixed cost of one more session call, as an agent pays it after waiting for the edge: the last block's
+    own session after an idle sleep each time, less the block's own compute (clamped at 0).
+
+    The block's compute is its prefix difference, or the session's median back-to-back time if that is smaller
+    (a difference of two medians is noisy on a shared machine; the back-to-back call bounds it from above)."""
+    hot = []
+    for _ in range(CALL_REPEATS + 1):  # the first call allocates
+        t0 = clock()
+        last.run(None, {"x": x_last})
+        t1 = clock()
+        hot.append((t1 - t0) * 1e-9)
+    compute_s = min(last_block_s, float(np.median(hot[1:])))
+    samples = []
+    for _ in range(CALL_REPEATS):
+        time.sleep(CALL_IDLE_S)
+        t0 = clock()
+        last.run(None, {"x": x_last})
+        t1 = clock()
+        samples.append(max(0.0, (t1 - t0) * 1e-9 - compute_s))
+    return Stat.of(samples)
+
+
 def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup: int, repeats: int,
              method: str, clock: Clock, counter: _Counter, workdir: Path) -> list[BatchTimings]:
-    paths, full_path = _export_graphs(model, workdir, method, counter)
+    paths, full_path, last_path = _export_graphs(model, workdir, method, counter)
     sessions = [_ort_session(p, threads) for p in paths]
     full = _ort_session(full_path, threads)
+    last = None if last_path is None else _ort_session(last_path, threads)
     rng = np.random.default_rng(0)
     out = []
     L = model.num_blocks
@@ -230,7 +271,13 @@ def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup
                 samples.model_fwd.append((t1 - t0) * 1e-9)
                 prefix[L - 1].append((t1 - t0) * 1e-9)
             counter.step()
-        out.append(samples.timings(batch) if method == "block" else _prefix_timings(batch, prefix))
+        if method == "block":
+            out.append(samples.timings(batch))
+            continue
+        timings = _prefix_timings(batch, prefix)
+        assert last is not None
+        x_last = sessions[L - 2].run(None, {"x": x0})[0]  # the activation entering the last block
+        out.append(dataclasses.replace(timings, call=_call_cost(last, x_last, timings.fwd_s[L - 1], clock)))
     return out
 
 
@@ -410,7 +457,7 @@ def profile_blocks(
     weights_hash = weights_hash or state_hash(model)
     shapes = activation_shapes(model)
     pbytes = param_bytes(model)
-    exports = 0 if runtime != "onnxruntime" else model.num_blocks + (1 if method == "block" else 0)
+    exports = 0 if runtime != "onnxruntime" else model.num_blocks + 1
     counter = _Counter(exports + len(sizes) * (warmup + repeats), progress)
     work = copy.deepcopy(model).to(dev)
     work.requires_grad_(training)

@@ -14,6 +14,13 @@ What is timed, from a DEALER socket on the device side (the edge's ROUTER answer
     input unchanged. It needs the edge's weights hash and the activation shape at ``a``
     (:func:`empty_body_echo`), and sizes are rounded to whole samples of that activation.
 
+* **edge request handling**, when the edge echoes PINGs *and* ``echo`` is given: each round also one empty-body
+  INFER_REQUEST of one sample of the echo split point and one PING echo of exactly those bytes, both timed whole
+  (nothing subtracted). The excess of the request's median over the echo's is what the edge adds to any request
+  beyond moving bytes — admission, the hand-off from the I/O thread to the compute thread, the copy of the
+  activations, the wake-up of the I/O thread, the reply — the latency model's ``edge_request_s`` (clamped at 0).
+  One small size: the difference of two round trips is the more exact the less transfer time they carry.
+
 Rates are the inverse slopes of least-squares lines through the per-size medians (the empty PING as size 0):
 per-message costs (header, syscalls, wake-ups) land in the intercept, and the rate is what an extra byte costs —
 which is how the planner charges activations (``bytes * 8 / rate + delay``). Exchanges are interleaved round by
@@ -212,31 +219,43 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
         _, reply = peer.exchange(Kind.PING, {"echo": _payload(16)})
         if "echo" in reply.tensors and reply.tensors["echo"].nbytes == 16:
             method = "ping-echo"
+    requests = echo is not None  # the empty-body request: the downlink's echo, or (with ping-echo) the overhead
     if method == "none" and echo is not None:
         n = echo.sample_bytes
         sizes = sorted({max(1, round(s / n)) * n for s in sizes})
         method = "empty-body"
 
-    def do_echo(nbytes: int, timeout_s: float | None = None) -> float:
-        if method == "ping-echo":
-            seconds, msg = peer.exchange(Kind.PING, {"echo": _payload(nbytes)}, timeout_s=timeout_s)
-            got = msg.tensors.get("echo")
-        else:
-            assert echo is not None
-            a1 = np.ones((nbytes // echo.sample_bytes, *echo.sample_shape), dtype=np.float32)
-            seconds, msg = peer.exchange(Kind.INFER_REQUEST, {"a1": a1}, partition=echo.partition,
-                                         timeout_s=timeout_s)
-            got = msg.tensors.get("a2")
+    def do_request(nbytes: int, timeout_s: float | None = None) -> tuple[float, Any]:
+        assert echo is not None
+        a1 = np.ones((nbytes // echo.sample_bytes, *echo.sample_shape), dtype=np.float32)
+        seconds, msg = peer.exchange(Kind.INFER_REQUEST, {"a1": a1}, partition=echo.partition, timeout_s=timeout_s)
+        got = msg.tensors.get("a2")
         if got is None or got.nbytes != nbytes:
-            raise ProfileError(f"the edge at {endpoint} did not send the {nbytes} bytes back ({method} echo)")
+            raise ProfileError(f"the edge at {endpoint} did not send the {nbytes} bytes back (empty-body echo)")
+        return seconds, msg
+
+    def do_ping_echo(nbytes: int) -> float:
+        seconds, msg = peer.exchange(Kind.PING, {"echo": _payload(nbytes)})
+        got = msg.tensors.get("echo")
+        if got is None or got.nbytes != nbytes:
+            raise ProfileError(f"the edge at {endpoint} did not send the {nbytes} bytes back (ping-echo)")
+        return seconds  # a PONG carries no edge_send_ns: nothing to subtract
+
+    def do_echo(nbytes: int) -> float:
+        if method == "ping-echo":
+            return do_ping_echo(nbytes)
+        seconds, msg = do_request(nbytes)
         return max(0.0, seconds - _edge_residence_s(msg))
 
-    if method == "empty-body":
-        do_echo(sizes[0], first_timeout_s)  # the edge's first request: lazy loading, not the link
+    if requests:
+        assert echo is not None
+        do_request(echo.sample_bytes if method == "ping-echo" else sizes[0], first_timeout_s)  # lazy loading
+    request_bytes = echo.sample_bytes if requests and method == "ping-echo" and echo is not None else None
 
     rtt: list[float] = []
     up: list[list[float]] = [[] for _ in sizes]
     back: list[list[float]] | None = [[] for _ in sizes] if method != "none" else None
+    pair: tuple[list[float], list[float]] | None = ([], []) if request_bytes is not None else None
     total = warmup + count
     done_rounds = 0
     stopped_early = False
@@ -256,6 +275,12 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
                 seconds = do_echo(size)
                 if timed:
                     back[k].append(seconds)
+        if pair is not None and request_bytes is not None:
+            seconds, _ = do_request(request_bytes)
+            plain = do_ping_echo(request_bytes)
+            if timed:
+                pair[0].append(seconds)
+                pair[1].append(plain)
         done_rounds += timed
         if progress is not None:
             progress(r + 1, total)
@@ -284,6 +309,15 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
             notes.append("downlink not resolved: an echo cost no more than the uplink alone (noise)")
     else:
         notes.append("downlink not measured: the edge does not echo payloads (see docs/profiling.md)")
+    request_stats = request_echo_stats = None
+    edge_request_s = None
+    if pair is not None:
+        request_stats, request_echo_stats = Stat.of(pair[0]), Stat.of(pair[1])
+        edge_request_s = max(0.0, request_stats.median - request_echo_stats.median)
+    elif echo is None:
+        notes.append("edge request handling not measured: it needs the edge's weights (--weights)")
+    else:
+        notes.append("edge request handling not measured: the edge does not echo PINGs")
     return LinkMeasurement(
         endpoint=endpoint,
         rtt=rtt_stat,
@@ -296,4 +330,8 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
         host=host if host is not None else host_facts(probe_accelerator=False),
         created=utc_now(),
         notes="; ".join(notes),
+        request_bytes=request_bytes,
+        request_rtt=request_stats,
+        request_echo_rtt=request_echo_stats,
+        edge_request_s=edge_request_s,
     )

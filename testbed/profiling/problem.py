@@ -14,7 +14,8 @@ Ingredients:
   everything else is as good as the two CPU factors (fp32, single-thread figures; see docs/profiling.md);
 * **links**: named link profiles (``profiles/links/NAME.yaml``: uplink/downlink rate, the mean of the two one-way
   delays; jitter and loss are not in the latency model) or link measurements from ``testbed profile --edge``
-  (measured rates, half the measured round trip).
+  (measured rates, half the measured round trip, and — when measured — the edge's per-request handling,
+  ``DeviceProfile.edge_request_s``; a link profile has none, 0).
 
 N devices cycle through the classes and the links: device ``i`` gets ``classes[i % len]`` and ``links[i % len]``.
 """
@@ -41,7 +42,8 @@ from testbed.profiling.store import (
     to_model_profile,
 )
 
-__all__ = ["LinkLike", "ProfileLike", "build_problem", "device_speed", "link_rates", "resolve_link"]
+__all__ = ["LinkLike", "ProfileLike", "build_problem", "device_speed", "link_rates", "link_request_s",
+           "resolve_link"]
 
 ProfileLike = str | Path | BlockProfile
 LinkLike = str | Path | LinkProfile | LinkMeasurement
@@ -124,6 +126,13 @@ def link_rates(link: LinkProfile | LinkMeasurement, unlimited_rate_bps: float | 
             (spec.uplink.delay_us + spec.downlink.delay_us) / 2 * 1e-6)
 
 
+def link_request_s(link: LinkProfile | LinkMeasurement) -> float:
+    """The edge's fixed handling of one request over this link: measured (``edge_request_s``) or 0."""
+    if isinstance(link, LinkMeasurement) and link.edge_request_s is not None:
+        return link.edge_request_s
+    return 0.0
+
+
 def device_speed(profile: BlockProfile, device_class: DeviceClass | None) -> float:
     """How fast a device of ``device_class`` runs the profile's device times (1.0 without a class)."""
     if device_class is None:
@@ -202,7 +211,8 @@ def build_problem(
         name = f"{cls.name if cls else 'device'}-{_link_name(resolved[k])}-{i:0{width}d}"
         try:
             profiles.append(DeviceProfile(name=name, speed=device_speed(dev_prof, cls), uplink_bps=up,
-                                          downlink_bps=down, delay_s=delay, memory_bytes=mem))
+                                          downlink_bps=down, delay_s=delay, memory_bytes=mem,
+                                          edge_request_s=link_request_s(resolved[k])))
         except PlanningError as exc:
             raise ProfileError(str(exc)) from None
     try:

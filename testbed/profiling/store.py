@@ -7,7 +7,11 @@ Two kinds of file live under ``profiles/measured/``:
   model timed in one run (a check on the per-block sum), the activation shape at every split point and the
   parameter bytes of every block;
 * a **link measurement** (``kind: link``): round-trip time and throughput of one device's path to an edge server
-  over the real ZeroMQ protocol.
+  over the real ZeroMQ protocol, and the edge's fixed per-request handling cost seen over that path.
+
+Fields added after the first files were written (``call_ms`` of a batch; ``request_bytes``, ``request_rtt_ms``,
+``request_echo_rtt_ms`` and ``edge_request_ms`` of a link) are optional: files without them load, with the costs
+unmeasured (0 in the model).
 
 Times are milliseconds in the files (``*_ms`` keys, rounded to the nanosecond) and seconds in memory. Every file
 records the host facts of the machine that measured it. Loading validates everything and raises
@@ -134,13 +138,19 @@ class Stat:
 
 @dataclass(frozen=True)
 class BatchTimings:
-    """One batch size: per-block forward (and backward) times, and the whole model timed in one run."""
+    """One batch size: per-block forward (and backward) times, and the whole model timed in one run.
+
+    ``call`` (onnxruntime, method ``prefix``) is the runtime's fixed cost of one more session call as a device
+    agent makes it, after waiting for the edge: what a tail session costs beyond its blocks' prefix differences
+    (see testbed.profiling.blocks); None when not measured.
+    """
 
     batch_size: int
     fwd: tuple[Stat, ...]
     model_fwd: Stat
     bwd: tuple[Stat, ...] | None = None
     model_bwd: Stat | None = None
+    call: Stat | None = None
 
     def __post_init__(self) -> None:
         if not (_is_int(self.batch_size) and self.batch_size >= 1):
@@ -290,6 +300,12 @@ class LinkMeasurement:
     ``echo_rtt[k]`` (when the edge echoed payloads) that of ``sizes[k]`` bytes up and back, less the time the
     message spent inside the edge. Rates are the inverse slopes of straight lines fitted through the medians,
     so per-message costs (headers, syscalls) land in the intercept, not in the rate.
+
+    ``request_rtt`` (when both a PING echo and an empty-body inference echo were available) is the whole round
+    trip of an INFER_REQUEST for an empty body carrying ``request_bytes`` each way, edge time included, and
+    ``request_echo_rtt`` that of a PING echo of the same bytes; ``edge_request_s`` is the excess of the first
+    median over the second (clamped at 0): the edge's fixed handling of one request (hand-off to the compute
+    thread, copy, wake-up, reply). None: not measured.
     """
 
     endpoint: str
@@ -303,6 +319,10 @@ class LinkMeasurement:
     host: Mapping[str, Any] = field(default_factory=dict)
     created: str = ""
     notes: str = ""
+    request_bytes: int | None = None
+    request_rtt: Stat | None = None
+    request_echo_rtt: Stat | None = None
+    edge_request_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
@@ -315,6 +335,19 @@ class LinkMeasurement:
             object.__setattr__(self, "echo_rtt", tuple(self.echo_rtt))
             if len(self.echo_rtt) != len(self.sizes):
                 raise ProfileError("link measurement: one echo round trip per size is needed")
+        if (self.request_rtt is None) != (self.request_echo_rtt is None) or (
+                (self.request_rtt is None) != (self.request_bytes is None)):
+            raise ProfileError("link measurement: request_bytes, request_rtt and request_echo_rtt go together")
+        if self.request_bytes is not None:
+            if not (_is_int(self.request_bytes) and self.request_bytes >= 1):
+                raise ProfileError(f"link measurement: request_bytes = {self.request_bytes!r} must be an "
+                                   "integer >= 1")
+            object.__setattr__(self, "request_bytes", int(self.request_bytes))
+        if self.edge_request_s is not None:
+            v = self.edge_request_s
+            if not (_is_num(v) and math.isfinite(v) and v >= 0):
+                raise ProfileError(f"link measurement: edge_request_s = {v!r} must be a finite number >= 0")
+            object.__setattr__(self, "edge_request_s", float(v))
         for name in ("uplink_bps", "downlink_bps"):
             v = getattr(self, name)
             if v is None and name == "downlink_bps":
@@ -380,6 +413,8 @@ def to_model_profile(
         batch_size = common[0]
     dev_b = device.batch(batch_size)
     edge_b = edge.batch(batch_size)
+    # Only a prefix profile leaves the tail's call out of the blocks; summed single-block calls include it.
+    tail_call = dev_b.call.median if dev_b.call is not None and device.method == "prefix" else 0.0
     return ModelProfile(
         name=name or f"{device.model}@b{batch_size}",
         fwd_s=dev_b.fwd_s,
@@ -388,6 +423,7 @@ def to_model_profile(
         edge_bwd_s=tuple(t / edge_scale for t in edge_b.bwd_s),
         act_bytes=device.act_bytes(batch_size),
         param_bytes=device.param_bytes,
+        tail_call_s=tail_call,
     )
 
 
@@ -516,6 +552,10 @@ def profile_to_dict(profile: BlockProfile | LinkMeasurement) -> dict[str, Any]:
             "sizes_bytes": list(profile.sizes),
             "uplink_rtt_ms": _stats_to(profile.uplink_rtt),
             "echo_rtt_ms": None if profile.echo_rtt is None else _stats_to(profile.echo_rtt),
+            "request_bytes": profile.request_bytes,
+            "request_rtt_ms": None if profile.request_rtt is None else _stat_to(profile.request_rtt),
+            "request_echo_rtt_ms": None if profile.request_echo_rtt is None else _stat_to(profile.request_echo_rtt),
+            "edge_request_ms": None if profile.edge_request_s is None else _ms(profile.edge_request_s),
             "notes": profile.notes,
         }
     if not isinstance(profile, BlockProfile):
@@ -528,6 +568,7 @@ def profile_to_dict(profile: BlockProfile | LinkMeasurement) -> dict[str, Any]:
             "bwd_ms": None if b.bwd is None else _stats_to(b.bwd),
             "model_fwd_ms": _stat_to(b.model_fwd),
             "model_bwd_ms": None if b.model_bwd is None else _stat_to(b.model_bwd),
+            **({} if b.call is None else {"call_ms": _stat_to(b.call)}),
         })
     return {
         "format": FORMAT,
@@ -550,7 +591,8 @@ def profile_to_dict(profile: BlockProfile | LinkMeasurement) -> dict[str, Any]:
 _BLOCK_KEYS = ("format", "kind", "created", "model", "measurement", "reference", "host", "act_shapes",
                "act_bytes_per_sample", "param_bytes", "batches")
 _LINK_KEYS = ("format", "kind", "created", "endpoint", "host", "rtt_ms", "delay_ms", "uplink_bps", "downlink_bps",
-              "downlink_method", "sizes_bytes", "uplink_rtt_ms", "echo_rtt_ms", "notes")
+              "downlink_method", "sizes_bytes", "uplink_rtt_ms", "echo_rtt_ms", "request_bytes", "request_rtt_ms",
+              "request_echo_rtt_ms", "edge_request_ms", "notes")
 
 
 def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
@@ -561,6 +603,10 @@ def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
         raise r.fail("sizes_bytes must be a list of integers")
     down = d.get("downlink_bps")
     echo = d.get("echo_rtt_ms")
+    request = d.get("request_rtt_ms")
+    request_echo = d.get("request_echo_rtt_ms")
+    request_bytes = d.get("request_bytes")
+    edge_request = d.get("edge_request_ms")
     try:
         link = LinkMeasurement(
             endpoint=r.str_(d["endpoint"], "endpoint"),
@@ -574,6 +620,10 @@ def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
             host=r.mapping(d.get("host", {}), "host"),
             created=str(d.get("created", "")),
             notes=r.str_(d.get("notes", ""), "notes"),
+            request_bytes=None if request_bytes is None else r.int_(request_bytes, "request_bytes"),
+            request_rtt=None if request is None else r.stat(request, "request_rtt_ms"),
+            request_echo_rtt=None if request_echo is None else r.stat(request_echo, "request_echo_rtt_ms"),
+            edge_request_s=None if edge_request is None else r.num(edge_request, "edge_request_ms") / 1e3,
         )
     except ProfileError as exc:
         if str(exc).startswith(r.where):
@@ -606,8 +656,8 @@ def _blocks_from(d: Mapping[str, Any], r: _Reader) -> BlockProfile:
     for k, rb in enumerate(raw_batches):
         what = f"batches[{k}]"
         rb = r.mapping(rb, what, ("batch_size", "fwd_ms", "model_fwd_ms"),
-                       ("batch_size", "fwd_ms", "bwd_ms", "model_fwd_ms", "model_bwd_ms"))
-        bwd, model_bwd = rb.get("bwd_ms"), rb.get("model_bwd_ms")
+                       ("batch_size", "fwd_ms", "bwd_ms", "model_fwd_ms", "model_bwd_ms", "call_ms"))
+        bwd, model_bwd, call = rb.get("bwd_ms"), rb.get("model_bwd_ms"), rb.get("call_ms")
         try:
             batches.append(BatchTimings(
                 batch_size=r.int_(rb["batch_size"], f"{what}.batch_size"),
@@ -615,6 +665,7 @@ def _blocks_from(d: Mapping[str, Any], r: _Reader) -> BlockProfile:
                 model_fwd=r.stat(rb["model_fwd_ms"], f"{what}.model_fwd_ms"),
                 bwd=None if bwd is None else r.stats(bwd, f"{what}.bwd_ms", L),
                 model_bwd=None if model_bwd is None else r.stat(model_bwd, f"{what}.model_bwd_ms"),
+                call=None if call is None else r.stat(call, f"{what}.call_ms"),
             ))
         except ProfileError as exc:
             if str(exc).startswith(r.where):

@@ -57,6 +57,7 @@ def raw_problems(draw, max_devices: int = 3, max_blocks: int = 6) -> PlanningPro
         edge_bwd_s=tuple(edge_bwd),
         act_bytes=tuple(draw(st.lists(st.integers(0, 10**5), min_size=L + 1, max_size=L + 1))),
         param_bytes=tuple(params),
+        tail_call_s=draw(st.one_of(st.just(0.0), st.floats(0, 0.01))),
     )
     min_head = draw(st.one_of(st.just(1), st.integers(1, L - 1)))
     min_tail = draw(st.one_of(st.just(1), st.integers(1, L - min_head)))
@@ -72,6 +73,7 @@ def raw_problems(draw, max_devices: int = 3, max_blocks: int = 6) -> PlanningPro
             downlink_bps=draw(st.floats(1e7, 1e10)),
             delay_s=draw(st.one_of(st.just(0.0), st.floats(0, 0.02))),
             memory_bytes=memory,
+            edge_request_s=draw(st.one_of(st.just(0.0), st.floats(0, 0.01))),
         ))
     prob = PlanningProblem(model, tuple(devices), min_head=min_head, min_tail=min_tail, mode=mode,
                            batches_per_round=draw(st.integers(1, 3)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -58,8 +59,10 @@ def test_inference_time_by_hand() -> None:
     expect = {
         "head_fwd": 0.01 / 0.5,
         "uplink_act": 2000 * 8 / 8e6 + 0.005,
+        "edge_request": 0.0,
         "body_fwd": (0.002 + 0.003) / 0.5,
         "downlink_act": 250 * 8 / 16e6 + 0.005,
+        "tail_call": 0.0,
         "tail_fwd": 0.04 / 0.5,
     }
     assert st == pytest.approx(expect)
@@ -70,12 +73,72 @@ def test_training_time_by_hand_two_batches() -> None:
     total, st = device_time(problem("training", batches=2), 0, 1, 3, 0.5)
     assert tuple(st) == TRAINING_STAGES
     per_batch = {
-        "head_fwd": 0.02, "uplink_act": 0.007, "body_fwd": 0.01, "downlink_act": 0.005125, "tail_fwd": 0.08,
+        "head_fwd": 0.02, "uplink_act": 0.007, "edge_request": 0.0, "body_fwd": 0.01, "downlink_act": 0.005125,
+        "tail_call": 0.0, "tail_fwd": 0.08,
         "tail_bwd": 0.16, "uplink_grad": 250 * 8 / 8e6 + 0.005, "body_bwd": (0.004 + 0.006) / 0.5,
         "downlink_grad": 2000 * 8 / 16e6 + 0.005, "head_bwd": 0.04,
     }
     assert st == pytest.approx({k: 2 * v for k, v in per_batch.items()})
     assert total == pytest.approx(2 * 0.353375)
+
+
+def fixed_cost_problem(mode: str = "inference", batches: int = 1) -> PlanningProblem:
+    """The toy problem with both measured fixed costs: 2 ms per tail call (reference device), 3 ms per request."""
+    model = dataclasses.replace(MODEL, tail_call_s=0.002)
+    dev = dataclasses.replace(DEV, edge_request_s=0.003)
+    return PlanningProblem(model, (dev,), mode=mode, batches_per_round=batches)  # type: ignore[arg-type]
+
+
+def test_fixed_costs_by_hand() -> None:
+    base_total, base = device_time(problem(), 0, 1, 3, 0.5)
+    total, st = device_time(fixed_cost_problem(), 0, 1, 3, 0.5)
+    assert tuple(st) == INFERENCE_STAGES
+    # The tail call is device time (scaled by speed 0.5); the edge's request handling is latency (no share).
+    assert st["tail_call"] == pytest.approx(0.002 / 0.5)
+    assert st["edge_request"] == pytest.approx(0.003)
+    assert {k: v for k, v in st.items() if k not in ("tail_call", "edge_request")} == pytest.approx(
+        {k: v for k, v in base.items() if k not in ("tail_call", "edge_request")})
+    assert total == pytest.approx(base_total + 0.004 + 0.003)
+    # Device-only (the agent still calls head and tail separately): the tail call, no request.
+    total, st = device_time(fixed_cost_problem(), 0, 2, 2, 0.0)
+    assert st["edge_request"] == 0 and total == pytest.approx(0.1 / 0.5 + 0.004)
+    # Edge-only (0, L): no tail, no tail call.
+    _, st = device_time(fixed_cost_problem(), 0, 0, 4, 1.0)
+    assert st["tail_call"] == 0 and st["edge_request"] == pytest.approx(0.003)
+    # Training, 2 batches: forward and backward requests each pay the handling; the tail's call once a batch.
+    total, st = device_time(fixed_cost_problem("training", batches=2), 0, 1, 3, 0.5)
+    assert tuple(st) == TRAINING_STAGES
+    assert st["edge_request"] == pytest.approx(2 * 2 * 0.003)
+    assert st["tail_call"] == pytest.approx(2 * 0.004)
+    _, st = device_time(fixed_cost_problem("training"), 0, 0, 4, 1.0)  # edge-only: one request, loss on the edge
+    assert st["edge_request"] == pytest.approx(0.003) and st["tail_call"] == 0
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_cost_tensor_counts_fixed_costs_like_device_time(mode: str) -> None:
+    rnd = random_problem(5, 3, 6, mode, batches_per_round=2)
+    prob = dataclasses.replace(
+        rnd, model=dataclasses.replace(rnd.model, tail_call_s=0.004),
+        devices=tuple(dataclasses.replace(d, edge_request_s=0.001 * (i + 1)) for i, d in enumerate(rnd.devices)))
+    splits, A, S = cost_tensor(prob)
+    _, A0, S0 = cost_tensor(rnd)
+    assert np.array_equal(S, S0)
+    for i in range(prob.n_devices):
+        for p, (a, b) in enumerate(splits):
+            if not np.isfinite(A[i, p]):
+                continue
+            assert A[i, p] + S[i, p] / 0.4 == pytest.approx(device_time(prob, i, int(a), int(b), 0.4)[0], rel=1e-12)
+            extra = 0.004 / prob.devices[i].speed
+            if a < b:
+                extra += (2 if mode == "training" else 1) * 0.001 * (i + 1)
+            assert A[i, p] - A0[i, p] == pytest.approx(2 * extra, rel=1e-9)
+
+
+def test_fixed_costs_are_validated() -> None:
+    with pytest.raises(PlanningError, match="tail_call_s"):
+        dataclasses.replace(MODEL, tail_call_s=-1e-3)
+    with pytest.raises(PlanningError, match="edge_request_s"):
+        dataclasses.replace(DEV, edge_request_s=math.inf)
 
 
 def test_device_only_has_no_transfer_and_ignores_share() -> None:

@@ -15,8 +15,8 @@ from testbed.cli.errors import friendly_errors
 from testbed.cli.profile import profile as profile_command
 from testbed.models import build_model, state_hash
 from testbed.partition import activation_shape
-from testbed.profiling.blocks import _prefix_timings, param_bytes, profile_blocks, sum_vs_model
-from testbed.profiling.store import BlockProfile, ProfileError, load_block_profile
+from testbed.profiling.blocks import CALL_REPEATS, _prefix_timings, param_bytes, profile_blocks, sum_vs_model
+from testbed.profiling.store import BlockProfile, ProfileError, load_block_profile, to_model_profile
 
 HOST = {"hostname": "testhost"}
 
@@ -66,12 +66,16 @@ def test_onnxruntime_prefix_profile(ort_profile: BlockProfile, cnn) -> None:
     # Prefix differences add up to the (monotone) head times: at most the whole model, up to noise.
     for b in prof.batches:
         assert math.fsum(b.fwd_s) >= b.model_fwd.median * 0.999
+        # The tail session's call, measured after idle waits, goes to the planner's tail_call_s.
+        assert b.call is not None and b.call.n == CALL_REPEATS
+        assert to_model_profile(prof, batch_size=b.batch_size).tail_call_s == b.call.median
 
 
 def test_onnxruntime_block_method(cnn) -> None:
     prof = profile_blocks(cnn, [2], repeats=5, warmup=1, method="block", host=HOST)
     check_structure(prof, cnn)
     assert prof.method == "block"
+    assert prof.batches[0].call is None  # every block is its own call already
 
 
 def test_torch_inference_and_training(cnn) -> None:

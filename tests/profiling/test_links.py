@@ -54,6 +54,22 @@ def test_downlink_through_an_empty_body(edge_server, cnn_weights) -> None:
     assert link.downlink_bps is not None and 1e8 < link.downlink_bps < 1e13, link.notes
 
 
+def test_edge_request_handling_against_the_edge(edge_server, cnn_weights) -> None:
+    """With a PING echo and the weights, each round also times an empty-body request of one sample and a PING
+    echo of the same bytes; the edge's request handling is the excess of the first over the second."""
+    echo = empty_body_echo(cnn_weights.model, cnn_weights.weights_hash)
+    link = measure_link(edge_server.endpoint, sizes=SIZES[:2], count=6, warmup=1, echo=echo, host=HOST)
+    assert link.downlink_method == "ping-echo" and link.sizes == SIZES[:2]  # rate sizes as asked
+    assert link.request_bytes == echo.sample_bytes
+    assert link.request_rtt is not None and link.request_echo_rtt is not None
+    assert link.request_rtt.n == link.request_echo_rtt.n == 6
+    assert link.edge_request_s == pytest.approx(max(0.0, link.request_rtt.median - link.request_echo_rtt.median))
+    # Without the weights, no request can be sent: not measured, and the note says why.
+    plain = measure_link(edge_server.endpoint, sizes=SIZES[:2], count=3, warmup=0, host=HOST)
+    assert plain.edge_request_s is None and plain.request_rtt is None and "--weights" in plain.notes
+    assert edge_server.proc.poll() is None
+
+
 def test_wrong_weights_are_reported(edge_server, cnn_weights) -> None:
     echo = empty_body_echo(cnn_weights.model, "0" * 64)
     with pytest.raises(ProfileError, match="unknown_weights"):
@@ -139,5 +155,8 @@ def test_cli_measures_the_link(edge_server, cnn_weights, tmp_path: Path) -> None
     ], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "uplink" in result.output and "ping-echo" in result.output and str(out) in result.output
+    assert "edge request handling" in result.output
     link = load_link_measurement(out)
     assert link.endpoint == edge_server.endpoint and link.uplink_bps > 0 and len(link.sizes) == 2
+    # --weights and an edge that echoes PINGs: the edge's request handling is measured too, and stored.
+    assert link.edge_request_s is not None and link.request_rtt is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 from testbed.lab.devices import load_device_class
 from testbed.net.link import load_link_profile
 from testbed.planning.lscra import plan_lscra
-from testbed.planning.model import evaluate_plan, split_violations
-from testbed.profiling.problem import build_problem, device_speed, link_rates, resolve_link
+from testbed.planning.model import device_time, evaluate_plan, split_violations
+from testbed.profiling.problem import build_problem, device_speed, link_rates, link_request_s, resolve_link
 from testbed.profiling.store import (
     MEASURED_DIR,
     LinkMeasurement,
@@ -108,6 +109,16 @@ def test_measured_links(tmp_path: Path) -> None:
     assert problem.devices[1].name == "device-5g-mmwave-1"
     with pytest.raises(ProfileError, match="no downlink rate"):
         build_problem(ORT, [measured_link(None)], batch_size=1)
+
+
+def test_measured_edge_request_handling_reaches_the_devices() -> None:
+    """A measured link's edge_request_s goes to its devices; a link profile (or an older measurement) gives 0."""
+    link = dataclasses.replace(measured_link(), edge_request_s=0.0007)
+    assert link_request_s(link) == 0.0007 and link_request_s(measured_link()) == 0.0
+    problem = build_problem(ORT, [link, "5g-mmwave"], devices=2, batch_size=1)
+    assert [d.edge_request_s for d in problem.devices] == [0.0007, 0.0]
+    _, st = device_time(problem, 0, 2, 5, 1.0)
+    assert st["edge_request"] == pytest.approx(0.0007)
 
 
 def test_stored_loopback_link_plans() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -114,6 +115,37 @@ def test_link_round_trip(tmp_path: Path) -> None:
     assert_stats_close(back.echo_rtt, link.echo_rtt)
     none = load_link_measurement(save_profile(make_link(None), tmp_path / "l2.yaml"))
     assert none.downlink_bps is None and none.echo_rtt is None
+
+
+def test_fixed_costs_round_trip_and_older_files_load(tmp_path: Path) -> None:
+    """The per-call cost (call_ms) and the edge's request handling (request_rtt_ms, edge_request_ms) are stored;
+    files written before them load with the costs unmeasured."""
+    prof = make_profile()
+    with_call = dataclasses.replace(prof, batches=tuple(dataclasses.replace(b, call=stat(0.15 * b.batch_size))
+                                                        for b in prof.batches))
+    back = load_block_profile(save_profile(with_call, tmp_path / "p.yaml"))
+    assert [b.call.median for b in back.batches] == pytest.approx([0.15e-3, 0.6e-3])
+    assert to_model_profile(back, batch_size=4).tail_call_s == pytest.approx(0.6e-3)
+    # No call measured (an older file): 0; a block-method profile sums single-block calls already: 0.
+    old = profile_to_dict(prof)
+    assert all("call_ms" not in b for b in old["batches"])
+    assert to_model_profile(profile_from_dict(old), batch_size=1).tail_call_s == 0.0
+    assert to_model_profile(dataclasses.replace(with_call, method="block"), batch_size=1).tail_call_s == 0.0
+    link = dataclasses.replace(make_link(), request_bytes=4096, request_rtt=stat(3.0, 20),
+                               request_echo_rtt=stat(2.1, 20), edge_request_s=0.0009)
+    back_link = load_link_measurement(save_profile(link, tmp_path / "l.yaml"))
+    assert back_link.edge_request_s == pytest.approx(0.0009) and back_link.request_bytes == 4096
+    assert_stats_close((back_link.request_rtt, back_link.request_echo_rtt), (link.request_rtt, link.request_echo_rtt))
+    old_link = profile_to_dict(make_link())
+    for key in ("request_bytes", "request_rtt_ms", "request_echo_rtt_ms", "edge_request_ms"):
+        del old_link[key]
+    loaded = profile_from_dict(old_link)
+    assert isinstance(loaded, LinkMeasurement) and loaded.edge_request_s is None and loaded.request_rtt is None
+    bad = {**profile_to_dict(link), "edge_request_ms": -1.0}
+    with pytest.raises(ProfileError, match="edge_request_s"):
+        profile_from_dict(bad, "x.yaml")
+    with pytest.raises(ProfileError, match="go together"):
+        dataclasses.replace(link, request_echo_rtt=None)
 
 
 def test_kind_mismatch_and_missing_file(tmp_path: Path) -> None:
