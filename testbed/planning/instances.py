@@ -14,6 +14,7 @@ The file format (YAML or JSON; times in seconds ``*_s`` or milliseconds ``*_ms``
       edge_bwd_ms: [0.2, 0.4, 0.2, 0.1]   # optional
       act_bytes: [3136, 25088, 12544, 6272, 40]   # L + 1 entries: input, after each block (last: logits)
       param_bytes: [320, 18496, 73856, 1290]      # optional; zeros if absent
+      tail_call_ms: 0.15                  # optional: the device runtime's fixed cost of the tail's own call
     devices:
       - name: pi4
         count: 3                 # optional: pi4-0, pi4-1, pi4-2
@@ -22,6 +23,7 @@ The file format (YAML or JSON; times in seconds ``*_s`` or milliseconds ``*_ms``
         downlink: 100mbit        # or downlink_bps
         delay: 5ms               # one way; or rtt: 10ms, or delay_s
         memory: 512MiB           # optional; or memory_bytes / memory_mb
+        edge_request: 0.8ms      # optional: the edge's fixed handling of one request; or edge_request_s
 
 Human units ("20mbit", "5ms", "512MiB") are parsed here, at the config boundary, and nowhere else.
 """
@@ -120,10 +122,10 @@ def _int_list(d: dict[str, Any], key: str, where: str, length: int | None) -> tu
     return tuple(raw)
 
 
-_MODEL_KEYS = {"name", "act_bytes", "param_bytes"} | {f"{b}_{u}" for b in ("fwd", "bwd", "edge_fwd", "edge_bwd")
-                                                       for u in ("s", "ms")}
+_MODEL_KEYS = {"name", "act_bytes", "param_bytes", "tail_call_s", "tail_call_ms"} | {
+    f"{b}_{u}" for b in ("fwd", "bwd", "edge_fwd", "edge_bwd") for u in ("s", "ms")}
 _DEVICE_KEYS = {"name", "count", "speed", "uplink", "uplink_bps", "downlink", "downlink_bps", "delay", "delay_s",
-                "rtt", "rtt_s", "memory", "memory_bytes", "memory_mb"}
+                "rtt", "rtt_s", "memory", "memory_bytes", "memory_mb", "edge_request", "edge_request_s"}
 _TOP_KEYS = {"mode", "batches_per_round", "min_head", "min_tail", "model", "devices"}
 
 
@@ -135,6 +137,13 @@ def _model_from_dict(d: Any) -> ModelProfile:
     where = f"model {name!r}"
     fwd = _number_list(d, "fwd", where, True, None)
     L = len(fwd)
+    key = _one_of(d, ("tail_call_s", "tail_call_ms"), where)
+    tail_call_s = 0.0
+    if key is not None:
+        v = d[key]
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise PlanningError(f"{where}: {key} must be a number, got {v!r}")
+        tail_call_s = float(v) * (1e-3 if key.endswith("_ms") else 1.0)
     return ModelProfile(
         name=name,
         fwd_s=fwd,
@@ -143,6 +152,7 @@ def _model_from_dict(d: Any) -> ModelProfile:
         edge_bwd_s=_number_list(d, "edge_bwd", where, False, L),
         act_bytes=_int_list(d, "act_bytes", where, None),
         param_bytes=_int_list(d, "param_bytes", where, L),
+        tail_call_s=tail_call_s,
     )
 
 
@@ -173,6 +183,9 @@ def _devices_from_list(items: Any) -> tuple[DeviceProfile, ...]:
         if key is not None:
             seconds = parse_seconds(d[key], f"{where} {key}")
             kw["delay_s"] = seconds / 2 if key.startswith("rtt") else seconds
+        key = _one_of(d, ("edge_request", "edge_request_s"), where)
+        if key is not None:
+            kw["edge_request_s"] = parse_seconds(d[key], f"{where} {key}")
         key = _one_of(d, ("memory", "memory_bytes", "memory_mb"), where)
         if key == "memory_mb":
             kw["memory_bytes"] = int(parse_bytes(d[key], f"{where} {key}") * 2**20)
@@ -235,6 +248,8 @@ def problem_to_dict(problem: PlanningProblem) -> dict[str, Any]:
                                 "downlink_bps": d.downlink_bps, "delay_s": d.delay_s}
         if d.memory_bytes is not None:
             item["memory_bytes"] = d.memory_bytes
+        if d.edge_request_s:
+            item["edge_request_s"] = d.edge_request_s
         devices.append(item)
     return {
         "mode": problem.mode,
@@ -243,7 +258,7 @@ def problem_to_dict(problem: PlanningProblem) -> dict[str, Any]:
         "min_tail": problem.min_tail,
         "model": {"name": m.name, "fwd_s": list(m.fwd_s), "bwd_s": list(m.bwd_s), "edge_fwd_s": list(m.edge_fwd_s),
                   "edge_bwd_s": list(m.edge_bwd_s), "act_bytes": list(m.act_bytes),
-                  "param_bytes": list(m.param_bytes)},
+                  "param_bytes": list(m.param_bytes), "tail_call_s": m.tail_call_s},
         "devices": devices,
     }
 

@@ -316,6 +316,25 @@ def test_json_round_trip(tmp_path) -> None:
     assert load_problem(path) == prob
 
 
+def test_fixed_costs_in_the_planning_input(tmp_path) -> None:
+    import dataclasses
+
+    prob = random_problem(8, 2, 5, "inference")
+    prob = dataclasses.replace(prob, model=dataclasses.replace(prob.model, tail_call_s=0.00015),
+                               devices=(dataclasses.replace(prob.devices[0], edge_request_s=0.0008),
+                                        *prob.devices[1:]))
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(problem_to_dict(prob)))
+    assert load_problem(path) == prob
+    text = YAML.replace("count: 2", "count: 2\n    edge_request: 0.8ms").replace(
+        "act_bytes: [1000", "tail_call_ms: 0.15\n  act_bytes: [1000")
+    yaml_path = tmp_path / "p.yaml"
+    yaml_path.write_text(text)
+    loaded = load_problem(yaml_path)
+    assert loaded.model.tail_call_s == pytest.approx(0.00015)
+    assert {d.edge_request_s for d in loaded.devices} >= {pytest.approx(0.0008)}
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
