@@ -16,13 +16,12 @@ It never sees inputs or labels: devices send activations ``a1`` (TRAIN_FORWARD) 
 
 The controller drives it over the control plane (SYNC load/dump/average, ROUND_START/ROUND_END).
 ``--record FILE`` appends a JSON line per received message (and the tensor bytes to FILE.bin) plus
-every file the process opened, for the privacy test.
+every file the process opened, for the privacy test (:mod:`agents.train_recorder`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -37,6 +36,7 @@ import torch
 import zmq
 
 from agents.train_device import Interrupted, control_socket, send_error
+from agents.train_recorder import Recorder
 from testbed.errors import TestbedError
 from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
@@ -85,36 +85,6 @@ class Segment:
 
     def complete(self) -> bool:
         return all(self.done.get(d, 0) == hi - lo for d, (lo, hi) in self.ranges.items())
-
-
-class Recorder:
-    """What the edge received, for the privacy test: headers as JSON lines, tensor bytes appended to .bin."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines = open(path, "a")  # noqa: SIM115 - closed in close()
-        self.blob = open(path.with_suffix(path.suffix + ".bin"), "ab")  # noqa: SIM115
-        self.opened: set[str] = set()
-
-    def audit(self, event: str, args: tuple[Any, ...]) -> None:
-        if event == "open" and args and isinstance(args[0], str | bytes | os.PathLike):
-            self.opened.add(os.fsdecode(args[0]))
-
-    def record(self, socket: str, env: Envelope, tensors: Mapping[str, np.ndarray]) -> None:
-        entries = []
-        for name, arr in tensors.items():
-            offset = self.blob.tell()
-            self.blob.write(np.ascontiguousarray(arr).tobytes())
-            entries.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape), "offset": offset,
-                            "nbytes": int(arr.nbytes)})
-        line = {"socket": socket, "kind": env.kind.value, "device": env.device, "seq": env.seq,
-                "partition": env.partition, "tensors": entries}
-        self.lines.write(json.dumps(line) + "\n")
-
-    def close(self) -> None:
-        self.lines.write(json.dumps({"opened": sorted(self.opened), "modules": sorted(sys.modules)}) + "\n")
-        self.lines.close()
-        self.blob.close()
 
 
 class EdgeTrainer:

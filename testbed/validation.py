@@ -76,8 +76,10 @@ def integer(p: Problems, path: str, value: Any, default: int | None, low: int, h
 
 
 def number(p: Problems, path: str, value: Any, default: float | None, low: float, high: float = math.inf,
-           *, strict: bool = False, nullable: bool = True) -> float | None:
-    """A finite number in ``[low, high]`` (``(low, high]`` when ``strict``); None as in :func:`integer`."""
+           *, strict: bool = False, nullable: bool = True, bound_format: str = "g") -> float | None:
+    """A finite number in ``[low, high]`` (``(low, high]`` when ``strict``); None as in :func:`integer`.
+
+    ``bound_format`` is how the message writes the bounds (``""``: as ``str`` does, ``0.0`` rather than ``0``)."""
     if value is None and (nullable or default is not None):
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
@@ -85,8 +87,9 @@ def number(p: Problems, path: str, value: Any, default: float | None, low: float
         return default
     v = float(value)
     if v < low or v > high or (strict and v == low):
-        lower = f"{'>' if strict else '>='} {low:g}"
-        p.add(path, f"must be {lower}" + (f" and <= {high:g}" if math.isfinite(high) else "") + f", got {value}")
+        lower = f"{'>' if strict else '>='} {format(low, bound_format)}"
+        upper = f" and <= {format(high, bound_format)}" if math.isfinite(high) else ""
+        p.add(path, f"must be {lower}{upper}, got {value}")
         return default
     return v
 

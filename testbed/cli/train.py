@@ -3,6 +3,10 @@ or (``--lab``) with the edge and the devices inside the emulated lab's namespace
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,6 +18,8 @@ from rich.table import Table
 from testbed.training.experiment import ExperimentSpec, load_experiment
 
 if TYPE_CHECKING:
+    from testbed.metrics.exporter import Exporter
+    from testbed.training.monitor import TrainingMonitor
     from testbed.training.runners import Placement
 
 
@@ -65,6 +71,67 @@ def render(results: dict[str, Any], console: Console) -> None:
                   f"{epochs} s")
 
 
+OUTPUTS = ("rounds.csv", "rounds.json", "devices.csv", "results.json", "accuracy.png", "time_breakdown.png",
+           "checkpoint.safetensors", "export/models.json")
+
+
+def summary_json(results: dict[str, Any], run_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
+    """What `--json` prints: the final figures, the per-round test accuracy and where every output is."""
+    outputs = {name: str(run_dir / name) for name in OUTPUTS if (run_dir / name).exists()}
+    return {
+        "name": results["name"],
+        "scheme": results["scheme"],
+        "dataset": results["dataset"],
+        "run_dir": str(run_dir),
+        "rounds": results["rounds"],
+        "resumed": results["resumed"],
+        "final_test_acc": results["final"]["test_acc"],
+        "final": results["final"],
+        "best_test_acc": results["best_test_acc"],
+        "test_acc_by_round": [r["test_acc"] for r in results["history"]],
+        "train_loss_by_round": [r["train_loss"] for r in results["history"]],
+        "epoch_train_s": results["epoch_train_s"],
+        "train_s": results["train_s"],
+        "wall_s": results["wall_s"],
+        "devices": results["devices"],
+        "outputs": outputs,
+        "exported": results["exported"],
+        "metrics_url": metrics_url,
+    }
+
+
+def _hold(seconds: float) -> None:
+    """Keep the process (and its metrics endpoint) up `seconds`, or until SIGTERM/SIGINT: a normal end."""
+    if seconds <= 0:
+        return
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in signals}
+    try:
+        stop.wait(seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _start_metrics(spec: ExperimentSpec, port: int, bind: str) -> tuple[TrainingMonitor, Exporter]:
+    """The run's registry (build info, process, controller and training collectors) served on bind:port."""
+    import numpy as np
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from testbed.metrics.common import register_build_info, register_process_metrics
+    from testbed.metrics.exporter import start_exporter
+    from testbed.training.monitor import TrainingMonitor
+
+    registry = CollectorRegistry()
+    register_build_info(registry, "trainer", {"torch": torch.__version__, "numpy": np.__version__})
+    register_process_metrics(registry)
+    monitor = TrainingMonitor(spec)
+    monitor.register(registry)
+    return monitor, start_exporter(registry, bind, port)
+
+
 def train(
     experiment: Annotated[Path, typer.Argument(help="experiment YAML (see experiments/ and docs/training.md)")],
     run_dir: Annotated[Path | None, typer.Option(help="outputs and checkpoints; default runs/<experiment name>")]
@@ -76,6 +143,15 @@ def train(
     lab: Annotated[bool, typer.Option("--lab", help="run the edge and the devices inside the emulated lab")] = False,
     lab_prefix: Annotated[str, typer.Option(help="prefix of the lab to use with --lab")] = "tb",
     lab_state_dir: Annotated[Path | None, typer.Option(help="where that lab's record is kept")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="serve the run's Prometheus metrics on this port "
+                                                          "(0: a free one; see docs/metrics.md)")] = None,
+    metrics_bind: Annotated[str, typer.Option(help="address of the metrics endpoint (the one Prometheus "
+                                                   "reaches)")] = "127.0.0.1",
+    metrics_hold_s: Annotated[float, typer.Option(help="after the run, keep the metrics endpoint up this long "
+                                                       "(or until SIGTERM/Ctrl-C) so its final values are "
+                                                       "scraped")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary on stdout, no progress "
+                                                         "display")] = False,
 ) -> None:
     """Train a model across devices and an edge server (U-shaped PSL, SFL, vanilla SL) or centrally.
 
@@ -88,23 +164,57 @@ def train(
     from testbed.training.schemes import run_experiment
 
     spec = load_experiment(experiment)  # every check on the file happens before anything starts
-    console = Console()
-    console.print(_describe(spec), highlight=False)
+    console = Console(stderr=as_json)
+    if not as_json:
+        console.print(_describe(spec), highlight=False)
     if check:
-        console.print(f"{experiment}: valid")
+        if as_json:
+            typer.echo(json.dumps({"experiment": str(experiment), "valid": True, "description": _describe(spec),
+                                   "spec": spec.to_dict()}, indent=2))
+        else:
+            console.print(f"{experiment}: valid")
         return
     if resume and fresh:
         raise typer.BadParameter("--resume and --fresh exclude each other")
+    if not 0.0 <= metrics_hold_s <= 86400.0:
+        raise typer.BadParameter("--metrics-hold-s must be between 0 and 86400")
+    if metrics_hold_s and metrics_port is None:
+        raise typer.BadParameter("--metrics-hold-s needs --metrics-port")
     placement = lab_placement(lab_prefix, lab_state_dir) if lab and spec.scheme != "centralized" else None
     if placement is not None:
         console.print(f"agents in {placement.description}", highlight=False)
     out = run_dir or Path("runs") / spec.name
+    monitor, exporter = _start_metrics(spec, metrics_port, metrics_bind) if metrics_port is not None else (None, None)
+    try:
+        if exporter is not None:
+            console.print(f"metrics on {exporter.url}", highlight=False)
+        if as_json:
+            results = run_experiment(spec, out, resume=resume, fresh=fresh, placement=placement,
+                                     on_event=monitor.on_event if monitor is not None else None)
+            typer.echo(json.dumps(summary_json(results, out, exporter.url if exporter else None), indent=2))
+        else:
+            results = _run_with_progress(spec, out, console, run_experiment, monitor, resume=resume, fresh=fresh,
+                                         placement=placement)
+            render(results, console)
+            console.print(f"outputs in {out}/ (rounds.csv, devices.csv, results.json, *.png, export/)")
+        if exporter is not None:
+            sys.stdout.flush()
+            _hold(metrics_hold_s)
+    finally:
+        if exporter is not None:
+            exporter.close()
+
+
+def _run_with_progress(spec: ExperimentSpec, out: Path, console: Console, run_experiment: Any,
+                       monitor: TrainingMonitor | None, **kwargs: Any) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("preparing", total=None, info="")
 
         def on_event(kind: str, **info: Any) -> None:
+            if monitor is not None:
+                monitor.on_event(kind, **info)
             if kind == "prepared":
                 progress.update(task, description=f"{spec.name}: rounds", total=info["total"],
                                 completed=info["start"], info=f"shards {min(info['sizes'])}..{max(info['sizes'])}")
@@ -115,6 +225,4 @@ def train(
             elif kind == "exported":
                 progress.update(task, info=progress.tasks[0].fields["info"] + " · exported")
 
-        results = run_experiment(spec, out, resume=resume, fresh=fresh, on_event=on_event, placement=placement)
-    render(results, console)
-    console.print(f"outputs in {out}/ (rounds.csv, devices.csv, results.json, *.png, export/)")
+        return run_experiment(spec, out, on_event=on_event, **kwargs)

@@ -45,10 +45,8 @@ spec and the shard sizes: see :mod:`testbed.training.schedule` (``device_steps``
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -69,6 +67,7 @@ from testbed.training.schedule import (
     plan_round,
     steps_per_epoch,
 )
+from testbed.validation import Problems, UniqueKeyLoader, boolean, choice, integer, kind_of, mapping, number
 
 __all__ = [
     "DATASETS",
@@ -195,87 +194,10 @@ class ExperimentSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation
+# Validation (the checkers, each recording a problem and returning a default, are testbed.validation's)
 
 
-class _Problems:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.lines.append(f"{path}: {message}" if path else message)
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping"}.get(type(value), type(value).__name__)
-
-
-def _mapping(p: _Problems, path: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        p.add(path, f"expected a mapping, got {_kind(value)} {value!r}")
-        return {}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(allowed)}"
-            p.add(f"{path}.{key}" if path else str(key), f"unknown key{hint}")
-            continue
-        out[key] = item
-    return out
-
-
-def _int(p: _Problems, path: str, value: Any, default: int | None, low: int, high: int | None = None,
-         nullable: bool = False) -> int | None:
-    if value is None and (nullable or default is not None):
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        p.add(path, f"expected an integer, got {_kind(value)} {value!r}")
-        return default
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        p.add(path, f"must be {bound}, got {value}")
-        return default
-    return int(value)
-
-
-def _float(p: _Problems, path: str, value: Any, default: float | None, low: float, strict: bool = False,
-           nullable: bool = False) -> float | None:
-    if value is None and (nullable or default is not None):
-        return default
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        p.add(path, f"expected a finite number, got {_kind(value)} {value!r}")
-        return default
-    if float(value) < low or (strict and float(value) == low):
-        p.add(path, f"must be {'>' if strict else '>='} {low}, got {value}")
-        return default
-    return float(value)
-
-
-def _choice(p: _Problems, path: str, value: Any, default: str, choices: tuple[str, ...]) -> str:
-    if value is None:
-        return default
-    if not isinstance(value, str) or value not in choices:
-        p.add(path, f"expected one of {', '.join(choices)}, got {value!r}")
-        return default
-    return value
-
-
-def _bool(p: _Problems, path: str, value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        p.add(path, f"expected true or false, got {_kind(value)} {value!r}")
-        return default
-    return value
-
-
-def _model_blocks(p: _Problems, model: ModelSpec) -> int:
+def _model_blocks(p: Problems, model: ModelSpec) -> int:
     """L of the model, built on the meta device (no weights); 0 after reporting a problem."""
     import torch
 
@@ -292,7 +214,7 @@ def _model_blocks(p: _Problems, model: ModelSpec) -> int:
     return 0
 
 
-def _splits(p: _Problems, value: Any, devices: int, num_blocks: int) -> tuple[tuple[int, int], ...]:
+def _splits(p: Problems, value: Any, devices: int, num_blocks: int) -> tuple[tuple[int, int], ...]:
     example = "expected [a, b] (one split for every device) or a list of one [a, b] per device"
 
     def pair(path: str, item: Any) -> tuple[int, int] | None:
@@ -329,10 +251,10 @@ def _splits(p: _Problems, value: Any, devices: int, num_blocks: int) -> tuple[tu
 
 def parse_experiment(data: Any, source: str = "<experiment>", default_name: str = "experiment") -> ExperimentSpec:
     """Validate a parsed YAML/JSON document; raise ExperimentError listing every problem."""
-    p = _Problems()
-    top = _mapping(p, "", data, ("name", "scheme", "model", "data", "devices", "split", "training", "runtime"))
+    p = Problems()
+    top = mapping(p, "", data, ("name", "scheme", "model", "data", "devices", "split", "training", "runtime"))
     if data is not None and not isinstance(data, Mapping):
-        raise ExperimentError(f"{source}: the experiment must be a YAML mapping, got {_kind(data)}")
+        raise ExperimentError(f"{source}: the experiment must be a YAML mapping, got {kind_of(data)}")
 
     name = top.get("name", default_name)
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
@@ -340,12 +262,12 @@ def parse_experiment(data: Any, source: str = "<experiment>", default_name: str 
         name = default_name
     if "scheme" not in top:
         p.add("scheme", f"required: one of {', '.join(SCHEMES)}")
-    scheme = _choice(p, "scheme", top.get("scheme"), "psl", SCHEMES)
+    scheme = choice(p, "scheme", top.get("scheme"), "psl", SCHEMES)
 
-    m = _mapping(p, "model", top.get("model"), ("name", "config"))
+    m = mapping(p, "model", top.get("model"), ("name", "config"))
     model_name = m.get("name", "cnn")
     if not isinstance(model_name, str):
-        p.add("model.name", f"expected a string, got {_kind(model_name)}")
+        p.add("model.name", f"expected a string, got {kind_of(model_name)}")
         model_name = "cnn"
     config = m.get("config") or {}
     if not isinstance(config, Mapping) or not all(isinstance(k, str) for k in config):
@@ -353,72 +275,73 @@ def parse_experiment(data: Any, source: str = "<experiment>", default_name: str 
         config = {}
     model = ModelSpec(model_name, tuple(sorted(config.items())))
 
-    d = _mapping(p, "data", top.get("data"),
+    d = mapping(p, "data", top.get("data"),
                  ("dataset", "train_samples", "test_samples", "partition", "alpha", "min_samples"))
-    partition = _choice(p, "data.partition", d.get("partition"), "iid", PARTITIONS)
-    alpha = _float(p, "data.alpha", d.get("alpha"), None, 0.0, strict=True, nullable=True)
+    partition = choice(p, "data.partition", d.get("partition"), "iid", PARTITIONS)
+    alpha = number(p, "data.alpha", d.get("alpha"), None, 0.0, strict=True, nullable=True, bound_format="")
     if partition == "dirichlet" and alpha is None and d.get("alpha") is None:
         p.add("data.alpha", "required for the dirichlet partition (e.g. 0.5)")
     if partition == "iid" and alpha is not None:
         p.add("data.alpha", "only applies to the dirichlet partition")
     data_spec = DataSpec(
-        dataset=_choice(p, "data.dataset", d.get("dataset"), "fashion-mnist", DATASETS),
-        train_samples=_int(p, "data.train_samples", d.get("train_samples"), None, 1, nullable=True),
-        test_samples=_int(p, "data.test_samples", d.get("test_samples"), None, 1, nullable=True),
+        dataset=choice(p, "data.dataset", d.get("dataset"), "fashion-mnist", DATASETS),
+        train_samples=integer(p, "data.train_samples", d.get("train_samples"), None, 1, nullable=True),
+        test_samples=integer(p, "data.test_samples", d.get("test_samples"), None, 1, nullable=True),
         partition=partition,
         alpha=alpha,
-        min_samples=_int(p, "data.min_samples", d.get("min_samples"), 1, 1) or 1,
+        min_samples=integer(p, "data.min_samples", d.get("min_samples"), 1, 1) or 1,
     )
 
-    devices = _int(p, "devices", top.get("devices"), 1, 1, MAX_DEVICES) or 1
+    devices = integer(p, "devices", top.get("devices"), 1, 1, MAX_DEVICES) or 1
 
-    t = _mapping(p, "training", top.get("training"), tuple(f.name for f in TrainingSpec.__dataclass_fields__.values()))
+    t = mapping(p, "training", top.get("training"), tuple(f.name for f in TrainingSpec.__dataclass_fields__.values()))
     defaults = TrainingSpec()
-    optimizer = _choice(p, "training.optimizer", t.get("optimizer"), defaults.optimizer, OPTIMIZERS)
-    momentum = _float(p, "training.momentum", t.get("momentum"), 0.0, 0.0) or 0.0
+    optimizer = choice(p, "training.optimizer", t.get("optimizer"), defaults.optimizer, OPTIMIZERS)
+    momentum = number(p, "training.momentum", t.get("momentum"), 0.0, 0.0, bound_format="") or 0.0
     if optimizer != "sgd" and momentum:
         p.add("training.momentum", "only applies to optimizer: sgd")
-    fedavg_every = _int(p, "training.fedavg_every", t.get("fedavg_every"), 0, 0) or 0
-    mode = _choice(p, "training.mode", t.get("mode"), "sync", MODES)
+    fedavg_every = integer(p, "training.fedavg_every", t.get("fedavg_every"), 0, 0) or 0
+    mode = choice(p, "training.mode", t.get("mode"), "sync", MODES)
     if scheme != "psl":
         if fedavg_every:
             p.add("training.fedavg_every", f"only applies to psl ({scheme} "
                   + ("averages every round)" if scheme == "sfl" else "has no device-side averaging)"))
         if mode != "sync":
             p.add("training.mode", "only psl has an asynchronous mode")
-    batch_sizes = _choice(p, "training.batch_sizes", t.get("batch_sizes"), "equal", BATCH_SIZES)
+    batch_sizes = choice(p, "training.batch_sizes", t.get("batch_sizes"), "equal", BATCH_SIZES)
     if batch_sizes != "equal" and scheme not in ("psl", "sfl"):
         p.add("training.batch_sizes", f"only applies to the parallel schemes psl and sfl, not {scheme}")
     if batch_sizes != "equal" and mode != "sync":
         p.add("training.batch_sizes", "by_shard needs the synchronous mode (the edge weighs each step's batches)")
-    fedavg_optimizer = _bool(p, "training.fedavg_optimizer", t.get("fedavg_optimizer"), False)
+    fedavg_optimizer = boolean(p, "training.fedavg_optimizer", t.get("fedavg_optimizer"), False)
     if fedavg_optimizer and (scheme != "psl" or not fedavg_every):
         p.add("training.fedavg_optimizer", "only applies to psl with fedavg_every > 0")
     training = TrainingSpec(
         optimizer=optimizer,
-        lr=_float(p, "training.lr", t.get("lr"), defaults.lr, 0.0, strict=True) or defaults.lr,
+        lr=number(p, "training.lr", t.get("lr"), defaults.lr, 0.0, strict=True, bound_format="") or defaults.lr,
         momentum=momentum,
-        weight_decay=_float(p, "training.weight_decay", t.get("weight_decay"), 0.0, 0.0) or 0.0,
-        batch_size=_int(p, "training.batch_size", t.get("batch_size"), defaults.batch_size, 1, 65536) or 1,
-        epochs=_int(p, "training.epochs", t.get("epochs"), defaults.epochs, 1, 10000) or 1,
-        rounds_per_epoch=_int(p, "training.rounds_per_epoch", t.get("rounds_per_epoch"),
+        weight_decay=number(p, "training.weight_decay", t.get("weight_decay"), 0.0, 0.0, bound_format="") or 0.0,
+        batch_size=integer(p, "training.batch_size", t.get("batch_size"), defaults.batch_size, 1, 65536) or 1,
+        epochs=integer(p, "training.epochs", t.get("epochs"), defaults.epochs, 1, 10000) or 1,
+        rounds_per_epoch=integer(p, "training.rounds_per_epoch", t.get("rounds_per_epoch"),
                               defaults.rounds_per_epoch, 1, 100000) or 1,
-        seed=_int(p, "training.seed", t.get("seed"), 0, 0, 2**32 - 1) or 0,
+        seed=integer(p, "training.seed", t.get("seed"), 0, 0, 2**32 - 1) or 0,
         fedavg_every=fedavg_every,
         mode=mode,
         batch_sizes=batch_sizes,
         fedavg_optimizer=fedavg_optimizer,
     )
 
-    r = _mapping(p, "runtime", top.get("runtime"), tuple(RuntimeSpec.__dataclass_fields__))
+    r = mapping(p, "runtime", top.get("runtime"), tuple(RuntimeSpec.__dataclass_fields__))
     rd = RuntimeSpec()
     runtime = RuntimeSpec(
-        edge_threads=_int(p, "runtime.edge_threads", r.get("edge_threads"), rd.edge_threads, 1, 256) or 1,
-        device_threads=_int(p, "runtime.device_threads", r.get("device_threads"), rd.device_threads, 1, 256) or 1,
-        eval_threads=_int(p, "runtime.eval_threads", r.get("eval_threads"), rd.eval_threads, 1, 256) or 1,
-        eval_batch_size=_int(p, "runtime.eval_batch_size", r.get("eval_batch_size"), rd.eval_batch_size, 1) or 1,
-        timeout_s=_float(p, "runtime.timeout_s", r.get("timeout_s"), rd.timeout_s, 0.0, strict=True) or 1.0,
-        export_onnx=_bool(p, "runtime.export_onnx", r.get("export_onnx"), rd.export_onnx),
+        edge_threads=integer(p, "runtime.edge_threads", r.get("edge_threads"), rd.edge_threads, 1, 256) or 1,
+        device_threads=integer(p, "runtime.device_threads", r.get("device_threads"), rd.device_threads, 1, 256) or 1,
+        eval_threads=integer(p, "runtime.eval_threads", r.get("eval_threads"), rd.eval_threads, 1, 256) or 1,
+        eval_batch_size=integer(p, "runtime.eval_batch_size", r.get("eval_batch_size"), rd.eval_batch_size, 1) or 1,
+        timeout_s=number(p, "runtime.timeout_s", r.get("timeout_s"), rd.timeout_s, 0.0, strict=True,
+                         bound_format="") or 1.0,
+        export_onnx=boolean(p, "runtime.export_onnx", r.get("export_onnx"), rd.export_onnx),
     )
 
     num_blocks = _model_blocks(p, model)
@@ -439,24 +362,6 @@ def parse_experiment(data: Any, source: str = "<experiment>", default_name: str 
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that rejects duplicate keys (plain YAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def load_experiment(path: Path) -> ExperimentSpec:
     """Read and validate an experiment YAML file (the name defaults to the file's stem)."""
     path = Path(path)
@@ -465,7 +370,7 @@ def load_experiment(path: Path) -> ExperimentSpec:
     except OSError as exc:
         raise ExperimentError(f"cannot read experiment file {path}: {exc.strerror}") from exc
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as exc:
         raise ExperimentError(f"{path} is not valid YAML: {exc}") from exc
     if data is None:

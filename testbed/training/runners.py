@@ -185,6 +185,10 @@ class SplitRunner(Runner):
             messages[name] = (Kind.SYNC, {"op": "load", "run": run_id, "edge": self.edge_endpoint}, dev_state)
         self.control.request(messages, Kind.SYNC_REPLY)
 
+    def alive(self) -> dict[str, bool]:
+        """Which agents' processes still run (safe from another thread: Popen.poll takes a lock)."""
+        return {child.name: child.popen.poll() is None for child in self.group.children}
+
     @staticmethod
     def _restrict(init: Mapping[str, np.ndarray], blocks: Iterable[int], copy: str = "main") -> dict[str, np.ndarray]:
         keep = frozenset(blocks)
@@ -231,7 +235,7 @@ class SplitRunner(Runner):
     def run(self) -> None:
         spec, prep = self.spec, self.prep
         self.start()
-        self.on_event("started", pids=self.group.pids())
+        self.on_event("started", pids=self.group.pids(), alive=self.alive)
         for r in range(self.state.completed, prep.total_rounds):
             plan = plan_round(spec.scheme, prep.sizes, spec.training.batch_size, spec.training.rounds_per_epoch,
                               spec.training.fedavg_every, r, prep.steps)

@@ -68,8 +68,9 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or resume) one experiment in ``run_dir``; return the results (also written there).
 
-    ``on_event(kind, **info)`` is called with ``prepared`` (total, start), ``started`` (pids),
-    ``round_started`` (round, pids), ``round_done`` (round, total, record) and ``exported``.
+    ``on_event(kind, **info)`` is called with ``prepared`` (total, start, sizes, dataset), ``started`` (pids,
+    and ``alive()``: which agents still run), ``round_started`` (round, pids), ``round_done`` (round, total,
+    record) and ``exported``. :class:`testbed.training.monitor.TrainingMonitor` turns them into metrics.
     ``edge_record``: a file where the edge records every message it receives (see agents/train_edge.py).
     ``placement``: where the agents run (default: loopback; the lab's: :func:`testbed.cli.train.lab_placement`).
     """

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from ..conftest import REPO, start_edge, stop_process
 
 SPLITS = {"dev1": (2, 6), "dev2": (4, 8)}
 SHARES = {"dev1": 1.0, "dev2": 3.0}
-IMAGES, BATCH = 1200, 4
+IMAGES, BATCH = 4800, 4
 REQUESTS = IMAGES // BATCH
 
 
@@ -72,8 +71,6 @@ class LiveRun:
     controller: Exporter | None = None
     prometheus: LocalPrometheus | None = None
     started_s: float = 0.0  # wall clock when Prometheus was up, before any device started
-    training_step: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def snapshot(self) -> ControllerSnapshot:
         """Built from the live processes and the devices' own /metrics (what the data plane measured)."""
@@ -99,13 +96,11 @@ class LiveRun:
                     rounds.append((sample(text, f"{stage}_sum", stage="e2e") or 0.0) / n)
             nodes.append(NodeState(dev.name, "device", up, "lab", a, b, SHARES[dev.name] / total,
                                    up_bps, down_bps, rtt_s))
-        with self.lock:  # a stand-in training curve: one step per scrape (there is no trainer in this run)
-            self.training_step += 1
-            step = self.training_step
+        # No training figures: this run does not train (a real `testbed train` feeds the training dashboard,
+        # tests/metrics/test_training_live.py).
         return ControllerSnapshot(
             devices=tuple(nodes), replans_total=0,
             predicted_round_s=0.01, measured_round_s=max(rounds) if rounds else None,
-            training_loss=2.3 / (1 + 0.1 * step), training_accuracy=min(0.99, 0.1 + 0.02 * step),
         )
 
 

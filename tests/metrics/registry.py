@@ -8,12 +8,19 @@ from testbed.metrics.common import register_build_info
 from testbed.metrics.controller import ControllerCollector, ControllerSnapshot, NodeState
 from testbed.metrics.device import DeviceMetrics
 from testbed.metrics.edge import EdgeMetrics
+from testbed.metrics.training import DeviceTotals, TrainingCollector, TrainingSnapshot
 
 SNAPSHOT = ControllerSnapshot(
     devices=(NodeState("dev1", "device", True, "pi4", 2, 6, 0.25, 8e6, 16e6, 0.004),
              NodeState("dev2", "device", False, "jetson"),
              NodeState("edge", "edge", True, "gpu")),
     replans_total=2, predicted_round_s=0.05, measured_round_s=0.06, training_loss=0.7, training_accuracy=0.8,
+)
+
+TRAINING = TrainingSnapshot(
+    name="psl-iid", scheme="psl", dataset="fashion-mnist", model="cnn", planned_rounds=4, rounds_done=2,
+    test_loss=0.5, train_accuracy=0.75, round_s=1.5, phase_s=(("steps", 2.0), ("eval", 0.5)),
+    devices=(DeviceTotals("dev1", 128, 1000, 2000, 300, 400, (("head_fwd", 0.1), ("up_a1", 0.2)), 0.6, 0.7),),
 )
 
 
@@ -30,6 +37,7 @@ def full_registry() -> CollectorRegistry:
     edge.observe_rejected("bad_header")
     edge.set_shares({"dev1": 1.0})
     registry.register(ControllerCollector(lambda: SNAPSHOT))
+    registry.register(TrainingCollector(lambda: TRAINING))
     return registry
 
 
