@@ -29,6 +29,11 @@ class Problems:
         self.lines.append(f"{path}: {message}" if path else message)
 
 
+def _got(value: Any) -> str:
+    """``a string 'x'``; just ``null`` for None."""
+    return "null" if value is None else f"{kind_of(value)} {value!r}"
+
+
 def kind_of(value: Any) -> str:
     """How a YAML value reads to a person: "an integer", "a mapping", "null"."""
     if value is None:
@@ -66,7 +71,7 @@ def integer(p: Problems, path: str, value: Any, default: int | None, low: int, h
     if value is None and (nullable or default is not None):
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        p.add(path, f"expected an integer, got {kind_of(value)} {value!r}")
+        p.add(path, f"expected an integer, got {_got(value)}")
         return default
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
@@ -83,7 +88,7 @@ def number(p: Problems, path: str, value: Any, default: float | None, low: float
     if value is None and (nullable or default is not None):
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        p.add(path, f"expected a finite number, got {kind_of(value)} {value!r}")
+        p.add(path, f"expected a finite number, got {_got(value)}")
         return default
     v = float(value)
     if v < low or v > high or (strict and v == low):
