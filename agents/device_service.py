@@ -5,7 +5,9 @@ work directory and loaded), ``set_split`` (switch to a deployed partition), ``st
 against the edge), ``report``. Partition switching never drops a request: each request reads the current
 partition once, when it starts, and finishes on it; the next request uses the new one; every result names the
 partition that served it. Heartbeats carry data-plane samples (bytes and seconds per direction, per request) so
-the controller can estimate the links. Torch-free, like the rest of the inference path.
+the controller can estimate the links, and, while a workload runs, link probe samples (agents.link_probe), which
+keep measuring a link that no request crosses (a device-only split). Torch-free, like the rest of the inference
+path.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from agents.device import (
     load_local_data,
     start_metrics,
 )
+from agents.link_probe import LinkProber, ProbeSettings
 from testbed.controller import deploy
 from testbed.controller.protocol import (
     DEPLOY,
@@ -183,6 +186,16 @@ class DeviceService:
                        failed=work.failed)
         return out
 
+    def probe_target(self) -> str | None:
+        """The edge a running workload talks to (what the link prober measures), else None."""
+        work = self.workload
+        if work is None or work.thread is None or not work.thread.is_alive():
+            return None
+        return str(work.args["edge"])
+
+    def add_sample(self, sample: dict[str, Any]) -> None:
+        self.pending_samples.append(sample)
+
     def take_samples(self, limit: int) -> list[dict[str, Any]]:
         out = []
         while self.pending_samples and len(out) < limit:
@@ -301,6 +314,10 @@ def add_serve_args(sub: Any) -> None:
     srv.add_argument("--slowdown", type=float, default=1.0,
                      help="stretch head and tail compute by this factor (a lab device's class, vs this host)")
     srv.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) dies")
+    srv.add_argument("--probe-interval-s", type=float, default=ProbeSettings.interval_s,
+                     help="while a workload runs, probe the link to the edge this often (0: never)")
+    srv.add_argument("--probe-bytes", type=int, default=ProbeSettings.payload_bytes,
+                     help="payload of a link probe, sent up and echoed back")
     add_metrics_args(srv)
 
 
@@ -314,6 +331,9 @@ def serve(args: argparse.Namespace) -> int:
             raise TestbedError("--threads must be between 1 and 256")
         if not 1.0 <= args.slowdown <= 1000.0:
             raise TestbedError("--slowdown must be between 1 and 1000")
+        probes = ProbeSettings(args.probe_interval_s, args.probe_bytes)
+        if problem := probes.check():
+            raise TestbedError(problem)
         metrics, exporter = start_metrics(args, args.device_class or "unknown")
     except TestbedError as exc:
         print(f"testbed-agent {name}: {exc}", file=sys.stderr)
@@ -322,6 +342,8 @@ def serve(args: argparse.Namespace) -> int:
     service = DeviceService(name, args.work_dir, stop, args.threads, metrics, args.slowdown)
     facts = host_facts(probe_accelerator=False)
     facts["slowdown"] = args.slowdown
+    facts["probe_interval_s"] = probes.interval_s
+    prober = LinkProber(ctx, name, service.probe_target, service.add_sample, stop, probes)
     if exporter is not None:
         facts["metrics_url"] = exporter.url  # so the controller can point a Prometheus at it
     try:
@@ -329,12 +351,15 @@ def serve(args: argparse.Namespace) -> int:
                            samples=service.take_samples, device_class=args.device_class, facts=facts,
                            heartbeat_s=args.heartbeat_s):
             print(f"testbed-agent {name}: serving, controller {args.controller}", flush=True)
+            prober.start()
             while not stop.wait(0.2):
                 pass
     except TestbedError as exc:
         print(f"testbed-agent {name}: {exc}", file=sys.stderr)
         return 2
     finally:
+        stop.set()
+        prober.join()
         if service.workload is not None:
             service.workload.stop.set()
             if service.workload.thread is not None:

@@ -225,10 +225,11 @@ class EdgeServer:
                 route, msg = channel.recv(self.sock, limits=self.limits, routed=True)
                 recv_ns = time.time_ns()
                 if msg.envelope.kind is Kind.PING:
-                    reply = Envelope(Kind.PONG, msg.envelope.device, msg.envelope.seq,
-                                     times_ns={"edge_recv_ns": recv_ns})
-                    # A tensor named "echo" comes back: the profiler measures the downlink with it.
+                    # A tensor named "echo" comes back: the profiler and the agents' link probes measure the
+                    # downlink with it (edge_send_ns: the downlink's start on the edge's wall clock).
                     echo = {k: v for k, v in msg.tensors.items() if k == "echo"}
+                    reply = Envelope(Kind.PONG, msg.envelope.device, msg.envelope.seq,
+                                     times_ns={"edge_recv_ns": recv_ns, "edge_send_ns": time.time_ns()})
                     channel.send(self.sock, reply, echo, limits=self.limits, route=route)
                     continue
                 try:

@@ -57,6 +57,10 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON, no live view")] = False,
     cache_dir: Annotated[Path | None, typer.Option(help="trained weights and ONNX partitions")] = None,
     lab_state_dir: Annotated[Path | None, typer.Option(help="where the lab's record is kept")] = None,
+    inventory: Annotated[Path | None, typer.Option(help="run on the real hosts of this Ansible inventory (edge and "
+                                                        "devices over SSH): placement: {kind: inventory}")] = None,
+    probe_interval_s: Annotated[float, typer.Option(help="device agents probe their link to the edge this often "
+                                                         "while they send (0: never)")] = 1.0,
 ) -> None:
     """Run an experiment: plan, deploy, send requests, re-split when links change; results in the output dir."""
     from testbed.controller.run import run_experiment
@@ -65,8 +69,16 @@ def run(
     spec = load_runspec(experiment)  # every problem of the file, before anything starts
     if output is not None:
         spec = dataclasses.replace(spec, output=output)
+    if inventory is not None:
+        from testbed.controller.runspec import PlacementSpec
+
+        if not inventory.is_file():
+            from testbed.remote.errors import InventoryError
+
+            raise InventoryError(f"--inventory {inventory}: no such file")
+        spec = dataclasses.replace(spec, placement=PlacementSpec("inventory", inventory=inventory))
     console = Console(stderr=as_json)
-    kwargs: dict[str, Any] = {"cache_dir": cache_dir, "state_dir": lab_state_dir,
+    kwargs: dict[str, Any] = {"cache_dir": cache_dir, "state_dir": lab_state_dir, "probe_interval_s": probe_interval_s,
                               "say": lambda line: console.print(line, highlight=False)}
     if as_json or not console.is_terminal:
         summary = run_experiment(spec, **kwargs)

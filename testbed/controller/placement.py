@@ -1,7 +1,8 @@
 """Where a run's processes go: on this host over loopback, or in the emulated lab's namespaces over shaped links.
 
-A placement says where the controller and the edge bind, how to wrap a process's argv for its host, which extra
-arguments a device agent takes (its class's compute slowdown in the lab), and how to change a device's link.
+(Real hosts of an inventory: testbed.controller.remote_placement.) A placement says where the controller and
+the edge bind, how to wrap a process's argv for its host, which extra arguments a device agent takes (its class's
+compute slowdown in the lab), and how to change a device's link.
 The lab placement brings a lab up when none is running (and takes it down at the end only then), gives every
 device the link its spec names, and restores the links it changed on a lab it did not create.
 """
@@ -12,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 from testbed.controller.runspec import DeviceSpec, RunSpec
 from testbed.errors import TestbedError
@@ -31,6 +33,18 @@ class LoopbackPlacement:
     description = "loopback"
     controller_bind = "tcp://127.0.0.1:*"
     edge_bind = "tcp://127.0.0.1:*"
+    metrics_netns: str | None = None  # where Prometheus and the controller's exporter run (None: here)
+
+    def __init__(self, metrics_bind: str = "127.0.0.1") -> None:
+        self._metrics_bind = metrics_bind
+
+    def metrics_bind(self, host: str) -> str:
+        """The address a process on `host` serves its metrics on (reachable from metrics_netns)."""
+        return self._metrics_bind
+
+    def stage(self, device: str, path: Path) -> str:
+        """The path a device agent reads a file of this host from (here: the same)."""
+        return str(path)
 
     def wrap(self, host: str, argv: list[str]) -> list[str]:
         return argv
@@ -95,6 +109,17 @@ class LabPlacement:
     def wrap(self, host: str, argv: list[str]) -> list[str]:
         return self.lab.command_in(host, argv)
 
+    @property
+    def metrics_netns(self) -> str:
+        """The switch namespace routes to every host: Prometheus and the controller's exporter go there."""
+        return self.topology.switch_ns
+
+    def metrics_bind(self, host: str) -> str:
+        return "127.0.0.1" if host == "controller" else self.topology.host(host).address
+
+    def stage(self, device: str, path: Path) -> str:
+        return str(path)  # lab hosts share this machine's file system
+
     def agent_args(self, device: DeviceSpec) -> list[str]:
         """A device class slows the agent's head and tail to the class's speed (as `testbed demo --lab`)."""
         if device.device_class is None:
@@ -127,17 +152,21 @@ class LabPlacement:
                 self._ipc_dir = None
 
 
-Placement = LoopbackPlacement | LabPlacement
+if TYPE_CHECKING:
+    from testbed.controller.remote_placement import InventoryPlacement
+
+Placement = Union[LoopbackPlacement, LabPlacement, "InventoryPlacement"]
 
 
 def placement_for(spec: RunSpec, state_dir: Path | None = None, say: Say = print) -> Placement:
     kind = spec.placement.kind
     if kind == "loopback":
-        return LoopbackPlacement()
+        return LoopbackPlacement(spec.metrics.bind)
     if kind == "lab":
         return LabPlacement(spec, state_dir, say)
-    raise PlacementError("placement: inventory (real hosts) is not supported by `testbed run` yet; see issue 7 "
-                         "(testbed remote) — use placement: lab or loopback")
+    from testbed.controller.remote_placement import InventoryPlacement
+
+    return InventoryPlacement(spec, say)
 
 
 def hosts_of(placement: Placement, devices: Sequence[DeviceSpec]) -> dict[str, str]:

@@ -159,6 +159,33 @@ def summarize(rows: Sequence[Row], events: Sequence[Event], devices: Sequence[st
     }
 
 
+def decision_record(decision: Any, t: float) -> dict[str, Any]:
+    """One evaluation (a testbed.controller.replan.Decision) as a decisions.jsonl record."""
+    def num(x: float) -> float | None:
+        return round(x, 6) if math.isfinite(x) else None
+
+    return {"t_s": t, "event": "evaluation", "replan": decision.replan, "reason": decision.reason,
+            "current_round_s": num(decision.current_round_s), "fresh_round_s": num(decision.fresh_round_s),
+            "changed": list(decision.changed), "streak": decision.streak,
+            "plan": {d.device: {"split": [d.a, d.b], "share": round(d.share, 6)} for d in decision.plan.devices}}
+
+
+def estimates_record(links: Mapping[str, Any], speeds: Mapping[str, Any], edge_speed: Any) -> dict[str, Any]:
+    """The live estimates an evaluation saw (LinkEstimate / ComputeEstimate values), compact, for decisions.jsonl."""
+    def num(x: float | None, scale: float = 1.0, digits: int = 3) -> float | None:
+        return None if x is None or not math.isfinite(x) else round(x * scale, digits)
+
+    out: dict[str, Any] = {}
+    for device, link in links.items():
+        speed = speeds.get(device)
+        out[device] = {"up_mbps": num(link.uplink_bps, 1e-6), "down_mbps": num(link.downlink_bps, 1e-6),
+                       "delay_ms": num(link.delay_s, 1e3, 4), "delay_source": link.delay_source,
+                       "samples": link.samples, "rtt_samples": link.rtt_samples,
+                       "speed": num(speed.speed if speed is not None else None)}
+    out["edge_speed"] = num(edge_speed.speed)
+    return out
+
+
 def _count(items: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for x in items:

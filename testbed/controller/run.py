@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import queue
 import statistics
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from typing import Any
 from testbed.controller import prepare, results
 from testbed.controller.api import Controller, ControllerTimeout
 from testbed.controller.estimates import EstimateError, LiveEstimator, RequestTiming
+from testbed.controller.launch import Launch, start_controller_exporter, start_processes, start_prometheus
 from testbed.controller.placement import Placement, placement_for
 from testbed.controller.protocol import split_of
 from testbed.controller.registry import Change
@@ -81,6 +80,7 @@ class _State:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     replans: int = 0
     dropped_samples: int = 0
+    probes: int = 0
     reason: str = ""
 
 
@@ -89,22 +89,29 @@ class Run:
 
     def __init__(self, spec: RunSpec, *, say: Say = print, progress: Callable[[Progress], None] | None = None,
                  state_dir: Path | None = None, cache_dir: Path | None = None, heartbeat_s: float = 1.0,
-                 register_timeout_s: float = 120.0) -> None:
+                 register_timeout_s: float = 120.0, probe_interval_s: float = 1.0) -> None:
         if spec.mode != "inference":
             raise RunError("mode: training is run by `testbed train EXPERIMENT.yaml` for now; `testbed run` runs "
                            "inference experiments")
         assert spec.workload is not None
-        if spec.placement.kind == "inventory":
-            placement_for(spec)  # refuses, with a pointer, before anything is trained or exported
+        if spec.placement.kind == "inventory":  # ids and classes from the inventory, before anything is planned
+            from testbed.controller.remote_placement import bind_devices
+            from testbed.remote.inventory import load_inventory
+
+            assert spec.placement.inventory is not None
+            spec = bind_devices(spec, load_inventory(spec.placement.inventory))
         self.spec, self.say, self.on_progress = spec, say, progress
         self.state_dir, self.cache_dir = state_dir, cache_dir or prepare.default_cache_dir()
         self.heartbeat_s, self.register_timeout_s = heartbeat_s, register_timeout_s
+        self.probe_interval_s = probe_interval_s  # agents probe their link this often while a workload runs
         self.ids = [d.id for d in spec.devices]
         self.st = _State()
         self.changes: queue.Queue[Change] = queue.Queue()
         self.readmitted: set[str] = set()
         self._ctl: Controller | None = None
         self._edge_endpoint = ""
+        self._edge_metrics_url: str | None = None
+        self.prometheus: dict[str, Any] | None = None
 
     # ---- the whole run ----
     def execute(self) -> dict[str, Any]:
@@ -136,12 +143,15 @@ class Run:
                                                  heartbeat_s=self.heartbeat_s))
             ctl.on_change(self.changes.put)
             self._ctl = ctl
+            exporter = None
             if spec.metrics.enabled:
-                stack.callback(self._start_exporter(ctl).close)
-                if spec.metrics.prometheus:
-                    self.say("metrics.prometheus: `testbed run` does not start a Prometheus server yet; the "
-                             "exporters run (agents' URLs are in their registration facts, `metrics_url`)")
+                exporter = start_controller_exporter(ctl, placement, self.say)
+                stack.callback(exporter.close)
             edge, edge_endpoint = self._start_processes(placement, group, ctl, weights, out)
+            if spec.metrics.prometheus and exporter is not None:
+                prom, self.prometheus = start_prometheus(spec, ctl, placement, exporter.url, self._edge_metrics_url,
+                                                         self.say)
+                stack.callback(prom.close)
             self._deploy_initial(ctl, first)
             (out / "pids.json").write_text(json.dumps(group.pids()))
             end_s = self._workload(ctl, group, edge, edge_endpoint, placement, shards, first)
@@ -149,40 +159,21 @@ class Run:
         return self._write(reports, end_s, weights)
 
     # ---- setup ----
-    def _start_exporter(self, ctl: Controller):  # -> Exporter
-        from prometheus_client import CollectorRegistry
-
-        from testbed.metrics.controller import ControllerCollector
-        from testbed.metrics.exporter import start_exporter
-
-        registry = CollectorRegistry()
-        registry.register(ControllerCollector(ctl.snapshot))
-        exporter = start_exporter(registry, self.spec.metrics.bind, 0)
-        self.say(f"controller metrics on {exporter.url}")
-        return exporter
-
     def _start_processes(self, placement: Placement, group: ProcessGroup, ctl: Controller, weights: Any,
-                         out: Path) -> tuple[Child, str]:
-        spec, py, me = self.spec, sys.executable, str(os.getpid())
-        metrics = ["--metrics-port", "0", "--metrics-bind", "127.0.0.1"] if spec.metrics.enabled else []
-        ready = out / "edge-ready.json"
-        ready.unlink(missing_ok=True)
-        edge = group.start("edge", placement.wrap("edge", [
-            py, "-m", "agents.edge", "--weights", str(weights.path), "--bind", placement.edge_bind,
-            "--device", spec.edge.device, "--threads", str(spec.edge.threads), "--ready-file", str(ready),
-            "--controller", ctl.endpoint, "--heartbeat-s", str(self.heartbeat_s), "--parent-pid", me, *metrics]))
-        info = group.wait_ready(edge, ready, timeout_s=self.register_timeout_s)
-        self.say(f"edge up on {info['endpoint']} ({info['device']}, {placement.description})")
-        agents = []
-        for dev in spec.devices:
-            argv = [py, "-m", "agents.device", "serve", "--controller", ctl.endpoint, "--device-id", dev.id,
-                    "--device-class", dev.device_class.name if dev.device_class else "",
-                    "--work-dir", str((out / "agents" / dev.id).resolve()), "--heartbeat-s", str(self.heartbeat_s),
-                    "--parent-pid", me, *metrics, *placement.agent_args(dev)]
-            agents.append(group.start(dev.id, placement.wrap(placement.host_of(dev.id), argv)))
+                         out: Path) -> tuple[Child | None, str]:
+        launch = Launch(ctl.endpoint, weights.path, self.heartbeat_s, self.probe_interval_s, self.register_timeout_s,
+                        out)
+        started = start_processes(self.spec, placement, group, launch, self.say)
+        self._edge_metrics_url = started.edge_metrics_url
+        self._wait_registered(group, list(started.children), out)
+        return started.edge, started.endpoint
+
+    def _wait_registered(self, group: ProcessGroup, children: list[Child], out: Path) -> None:
+        ctl = self._ctl
+        assert ctl is not None
         deadline = time.monotonic() + self.register_timeout_s
         while True:
-            group.check_alive([edge, *agents])
+            group.check_alive(children)
             try:
                 ctl.wait_for(len(self.ids), timeout_s=0.5)
                 break
@@ -195,7 +186,6 @@ class Run:
             while True:  # the registrations just waited for are not membership changes of the run
                 self.changes.get_nowait()
         self.say(f"{len(self.ids)} device agent(s) registered: {', '.join(self.ids)}")
-        return edge, str(info["endpoint"])
 
     def _deploy_initial(self, ctl: Controller, decision: Decision) -> None:
         for d in decision.plan.devices:
@@ -203,10 +193,10 @@ class Run:
             ctl.deploy(d.device, head, tail, pid, activate=True)
             self.st.splits[d.device] = (d.a, d.b)
         self._set_shares(ctl, decision.plan)
-        self.st.decisions.append(_decision_record(decision, 0.0))
+        self.st.decisions.append(results.decision_record(decision, 0.0))
 
     # ---- the workload and the re-planning loop ----
-    def _workload(self, ctl: Controller, group: ProcessGroup, edge: Child, edge_endpoint: str,
+    def _workload(self, ctl: Controller, group: ProcessGroup, edge: Child | None, edge_endpoint: str,
                   placement: Placement, shards: dict[str, Path], first: Decision) -> float:
         spec, st = self.spec, self.st
         work = spec.workload
@@ -220,7 +210,7 @@ class Run:
         for i, dev in enumerate(spec.devices):
             args: dict[str, Any] = {"seed": i}
             if dev.id in shards:
-                args["data"] = str(shards[dev.id])
+                args["data"] = placement.stage(dev.id, shards[dev.id])
             for key, value in (("requests", work.requests), ("rate_rps", work.rate_rps)):
                 if value is not None:
                     args[key] = value
@@ -235,7 +225,7 @@ class Run:
         next_eval = every
         while True:
             now = time.monotonic() - st.t0
-            group.check_alive([edge])
+            group.check_alive([edge] if edge is not None else [])  # a remote edge: its heartbeats tell
             while pending and pending[0].at_s <= now:
                 change = pending.pop(0)
                 placement.set_link(change.device, change.link)
@@ -271,6 +261,9 @@ class Run:
             recent = self.st.recent.setdefault(device, deque(maxlen=RECENT))
             for s in samples:
                 try:
+                    if s.get("probe"):
+                        self._observe_probe(device, s, now)
+                        continue
                     a, b = split_of(s["partition"])
                     stages = s["stages_s"]
                     timing = RequestTiming(int(s["bytes_up"]), float(s["uplink_s"]), int(s["bytes_down"]),
@@ -284,6 +277,23 @@ class Run:
             if est.samples:
                 ctl.set_link_estimate(device, uplink_bps=est.uplink_bps, downlink_bps=est.downlink_bps,
                                       rtt_s=est.rtt_s)
+
+    def _observe_probe(self, device: str, sample: dict[str, Any], now: float) -> None:
+        """A link probe counts (round trip and transfers) only while the device's split is device-only.
+
+        Then the probes are the only traffic on the link: without them the estimate would stay at the value that
+        moved the split, and the split could never move back. While requests cross the link their own timings
+        are the better sample (the activation size the model charges); the probes' small payloads would switch
+        the estimator to its two-size fit, and their round trips set the delay, both thrown far off by the
+        edge's first requests (a probe answered while the edge loads its body took 0.5 s in the lab).
+        """
+        split = self.st.splits.get(device)
+        if split is None or split[0] != split[1]:
+            return
+        self.estimator.observe_rtt(device, float(sample["rtt_s"]), now)
+        self.estimator.observe(device, RequestTiming(int(sample["bytes_up"]), float(sample["uplink_s"]),
+                                                     int(sample["bytes_down"]), float(sample["downlink_s"])), now)
+        self.st.probes += 1
 
     def _membership(self, now: float) -> bool:
         """Apply queued registry changes; True when the set of devices up changed."""
@@ -313,11 +323,13 @@ class Run:
         up = [d for d in self.ids if d in st.up]
         if not up or not (spec.planner.resplit or membership):
             return
-        problem = problem_with_estimates(self.problem, self.estimator.links(now), self.estimator.speeds(now),
-                                         edge_speed=self.estimator.edge_speed(now), devices=up)
+        est = self.estimator
+        links, speeds, edge_speed = est.links(now), est.speeds(now), est.edge_speed(now)
+        problem = problem_with_estimates(self.problem, links, speeds, edge_speed=edge_speed, devices=up)
         decision = self.replanner.evaluate(problem, now)
         t = round(time.time() - st.t0_wall, 3)
-        st.decisions.append(_decision_record(decision, t))
+        st.decisions.append({**results.decision_record(decision, t),
+                             "estimates": results.estimates_record(links, speeds, edge_speed)})
         st.reason = decision.reason
         if decision.replan:
             self._apply(ctl, decision, t, membership)
@@ -403,10 +415,11 @@ class Run:
         extra = {
             "name": spec.name, "placement": spec.placement.kind, "model": spec.model.name,
             "weights": weights.weights_hash, "batch_size": spec.workload.batch_size if spec.workload else None,
-            "replans": st.replans, "dropped_samples": st.dropped_samples,
+            "replans": st.replans, "dropped_samples": st.dropped_samples, "probe_samples": st.probes,
             "accuracy": {d: r.get("accuracy") for d, r in reports.items()},
             "device_failures": {d: r.get("failures", {}) for d, r in reports.items()},
             "errors": {d: r["error"] for d, r in reports.items() if r.get("error")},
+            "prometheus": self.prometheus,
         }
         summary = results.summarize(rows, st.events, self.ids, end_s, extra)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -419,16 +432,6 @@ class Run:
 def _describe(plan: Plan) -> str:
     return ", ".join(f"{d.device} {d.a}:{d.b} (share {d.share:.2f})" for d in plan.devices) + \
         f"; predicted round {plan.round_s * 1e3:.2f} ms"
-
-
-def _decision_record(decision: Decision, t: float) -> dict[str, Any]:
-    def num(x: float) -> float | None:
-        return round(x, 6) if math.isfinite(x) else None
-
-    return {"t_s": t, "event": "evaluation", "replan": decision.replan, "reason": decision.reason,
-            "current_round_s": num(decision.current_round_s), "fresh_round_s": num(decision.fresh_round_s),
-            "changed": list(decision.changed), "streak": decision.streak,
-            "plan": {d.device: {"split": [d.a, d.b], "share": round(d.share, 6)} for d in decision.plan.devices}}
 
 
 def run_experiment(spec: RunSpec, **kwargs: Any) -> dict[str, Any]:

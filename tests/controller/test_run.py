@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,56 @@ def test_a_wrong_device_profile_is_corrected_live_by_a_resplit_without_failures(
     all_gone(out)
 
 
+def prometheus_query(url: str, expr: str, label: str) -> dict[str, float]:
+    """An instant query: each series' `label` value -> its value."""
+    with urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}", timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return {s["metric"].get(label, ""): float(s["value"][1]) for s in body["data"]["result"]}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus package")
+def test_a_run_with_prometheus_scrapes_the_controller_the_edge_and_every_agent(cnn_weights, tmp_path: Path) -> None:
+    from testbed.controller.run import Progress, run_experiment
+    from testbed.controller.runspec import load_runspec
+
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "prom.yaml", name="prom", weights=str(cnn_weights.path), placement="loopback",
+                      edge={"device": "cpu"},
+                      devices=[{"id": "dev1", "data": "synthetic", "split": [3, 9]},
+                               {"id": "dev2", "data": "synthetic", "split": [1, 1]}],
+                      planner={**PROFILES, "resplit": False}, workload={"batch_size": 8, "duration": "8s", "rate": 20},
+                      metrics={"enabled": True, "prometheus": True, "scrape_interval": "500ms"}, output=str(out))
+    seen: dict[str, Any] = {}
+
+    def query(progress: Progress) -> None:  # while the run (and its Prometheus) is up
+        if progress.elapsed_s < 5 or "e2e" in seen:
+            return
+        url = json.loads((out / "prometheus.json").read_text())["url"]
+        seen["e2e"] = prometheus_query(url, 'sum by (device) (testbed_device_stage_duration_seconds_count'
+                                            '{stage="e2e"})', "device")
+        seen["up"] = prometheus_query(url, "testbed_node_up", "device")
+        seen["body"] = prometheus_query(url, "sum by (device) (testbed_edge_requests_total)", "device")
+        seen["targets"] = prometheus_query(url, "up", "instance")
+
+    lines: list[str] = []
+    summary = run_experiment(load_runspec(spec, base_dir=REPO), say=lines.append, progress=query,
+                             cache_dir=tmp_path / "cache", heartbeat_s=0.5)
+    assert summary["failed"] == 0
+    assert any(line.startswith("Prometheus on http://127.0.0.1:") for line in lines), lines
+    assert set(seen["e2e"]) == {"dev1", "dev2"} and all(v > 0 for v in seen["e2e"].values()), seen
+    assert seen["up"] == {"dev1": 1.0, "dev2": 1.0, "edge": 1.0}, seen
+    assert seen["body"].get("dev1", 0) > 0 and "dev2" not in seen["body"], seen  # dev1 offloads, dev2 does not
+    assert len(seen["targets"]) == 4 and set(seen["targets"].values()) == {1.0}, seen  # controller, edge, 2 agents
+    config = yaml.safe_load((out / "prometheus.yml").read_text())
+    assert sorted(c["job_name"] for c in config["scrape_configs"]) == ["testbed-controller", "testbed-device",
+                                                                       "testbed-edge"]
+    info = json.loads((out / "prometheus.json").read_text())
+    assert summary["prometheus"] == info and wait_gone([info["pid"]]) == []  # stopped by its pid
+    all_gone(out)
+
+
 @pytest.mark.slow
 def test_sigterm_stops_the_run_and_every_process(cnn_weights, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -139,19 +191,29 @@ def test_a_bad_key_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # refused before anything started
 
 
-def test_inventory_placement_is_refused_with_a_pointer(tmp_path: Path) -> None:
+def test_an_inventory_that_cannot_carry_the_run_is_refused_in_one_line(tmp_path: Path) -> None:
     inventory = tmp_path / "hosts.yml"
     inventory.write_text("all: {hosts: {}}\n")
     spec = write_spec(tmp_path / "inv.yaml", devices=[{"id": "dev1"}], workload={"requests": 5, "batch_size": 8},
                       placement={"kind": "inventory", "inventory": str(inventory)}, planner=PROFILES)
     proc = testbed("run", str(spec), "--output", str(tmp_path / "out"), timeout_s=120)
-    assert proc.returncode == 2 and "issue 7" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and f"{inventory}: no hosts" in proc.stderr and "Traceback" not in proc.stderr
+    # Fewer device hosts than the run has devices: said before anything starts (--inventory overrides placement).
+    inventory.write_text("all: {children: {devices: {hosts: {pi-1: {}}}, edge: {hosts: {gpu: {}}}}}\n")
+    two = write_spec(tmp_path / "two.yaml", devices=[{"id": "dev1"}, {"id": "dev2"}], planner=PROFILES,
+                     workload={"requests": 5, "batch_size": 8})
+    proc = testbed("run", str(two), "--inventory", str(inventory), "--output", str(tmp_path / "out"), timeout_s=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the run has 2 device(s), the inventory" in proc.stderr and "1 device host(s) (pi-1)" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
-def test_in_the_lab_a_link_falling_to_lte_moves_the_split_and_no_request_fails(cnn_weights, tmp_path: Path) -> None:
+def test_in_the_lab_the_split_moves_away_on_lte_and_back_on_6g_without_failures(cnn_weights, tmp_path: Path) -> None:
+    """dev1's link falls to LTE: its split moves to the device; the link comes back: the agent's link probes (the
+    only traffic on it while the split is device-only) show it, and the split moves back to the edge."""
     from testbed.lab.hosts import list_namespaces
 
     out = tmp_path / "out"
@@ -161,22 +223,30 @@ def test_in_the_lab_a_link_falling_to_lte_moves_the_split_and_no_request_fails(c
                       devices=[{"id": "dev1", "class": "raspberry-pi-4", "link": "6g-vision", "data": "synthetic"},
                                {"id": "dev2", "class": "raspberry-pi-5", "link": "6g-vision", "data": "synthetic"}],
                       planner={**PROFILES, "min_interval": "3s"},
-                      workload={"batch_size": 8, "duration": "20s", "rate": 20},
-                      link_changes=[{"at": "8s", "device": "dev1", "link": "lte"}], output=str(out))
+                      workload={"batch_size": 8, "duration": "32s", "rate": 20},
+                      link_changes=[{"at": "8s", "device": "dev1", "link": "lte"},
+                                    {"at": "18s", "device": "dev1", "link": "6g-vision"}], output=str(out))
     proc = testbed("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"), "--lab-state-dir",
-                   str(state))
+                   str(state), "--probe-interval-s", "0.25")
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         summary = json.loads(proc.stdout)
         assert summary["failed"] == 0
-        (change,) = summary["link_changes"]
-        assert change["device"] == "dev1" and change["link"] == "lte"
-        assert change["resplit_s"] is not None and change["split"] != "3:9", change
+        assert summary["probe_samples"] > 0
+        away, back = summary["link_changes"]
+        assert (away["device"], away["link"], back["device"], back["link"]) == ("dev1", "lte", "dev1", "6g-vision")
+        assert away["resplit_s"] is not None and away["split"] != "3:9", away
         starts = {s["device"]: s["detail"] for s in summary["splits_over_time"] if s["reason"] == "initial plan"}
         assert starts == {"dev1": "3:9", "dev2": "1:1"}
         # On LTE the old split is far slower (5.7 Mbit/s up); after the re-split the latency recovers.
-        assert change["after"]["p50_ms"] > change["before"]["p50_ms"]
-        assert change["recovered"]["p50_ms"] < change["after"]["p50_ms"]
+        assert away["after"]["p50_ms"] > away["before"]["p50_ms"]
+        assert away["recovered"]["p50_ms"] < away["after"]["p50_ms"]
+        # Back on 6G the probes see the link recover and the split moves to the edge again.
+        assert back["resplit_s"] is not None, (back, summary["splits_over_time"])
+        a, b = map(int, back["split"].split(":"))
+        assert a < b, back  # part of the model on the edge again
+        moves = [s["detail"] for s in summary["splits_over_time"] if s["device"] == "dev1"]
+        assert moves[:3] == ["3:9", away["split"], back["split"]], moves
         all_gone(out)
     finally:
         assert not [ns for ns in list_namespaces() if ns.startswith("tbq-")], "the run's lab was not taken down"
