@@ -2,12 +2,13 @@
 
 It registers, heartbeats, and takes commands: ``deploy`` (head and tail ONNX bytes, hash-checked, stored in the
 work directory and loaded), ``set_split`` (switch to a deployed partition), ``start`` / ``stop`` (a workload
-against the edge), ``report``. Partition switching never drops a request: each request reads the current
-partition once, when it starts, and finishes on it; the next request uses the new one; every result names the
-partition that served it. Heartbeats carry data-plane samples (bytes and seconds per direction, per request) so
-the controller can estimate the links, and, while a workload runs, link probe samples (agents.link_probe), which
-keep measuring a link that no request crosses (a device-only split). Torch-free, like the rest of the inference
-path.
+against the edge), ``report``, ``profile`` (measure the link to an edge with testbed.profiling.links, bounded in
+sizes, rounds and time; the result is the LinkMeasurement in the profile store's form). Partition switching never
+drops a request: each request reads the current partition once, when it starts, and finishes on it; the next
+request uses the new one; every result names the partition that served it. Heartbeats carry data-plane samples
+(bytes and seconds per direction, per request) so the controller can estimate the links, and, while a workload
+runs, link probe samples (agents.link_probe), which keep measuring a link that no request crosses (a device-only
+split). Torch-free, like the rest of the inference path.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from agents.link_probe import LinkProber, ProbeSettings
 from testbed.controller import deploy
 from testbed.controller.protocol import (
     DEPLOY,
+    PROFILE,
     REPORT,
     SET_SPLIT,
     START,
@@ -52,6 +54,8 @@ from testbed.lifecycle import die_with_parent, stop_event_on_signals
 from testbed.metrics.device import DeviceMetrics
 from testbed.onnx_runtime import cpu_session
 from testbed.profiling.hostfacts import host_facts
+from testbed.profiling.links import EchoTarget, measure_link
+from testbed.profiling.store import ProfileError, profile_to_dict
 from testbed.wire import channel
 from testbed.wire.envelope import WireLimits
 from testbed.wire.messages import DATA_LIMITS
@@ -113,7 +117,7 @@ class DeviceService:
 
     def handlers(self) -> dict[str, Any]:
         return {DEPLOY: self.deploy, SET_SPLIT: self.set_split, START: self.start, STOP: self.stop_workload,
-                REPORT: self.report}
+                REPORT: self.report, PROFILE: self.profile}
 
     # ---- commands ----
     def deploy(self, cmd: Command) -> dict[str, Any]:
@@ -175,6 +179,25 @@ class DeviceService:
         if work is None:
             return {**base, "running": False, "requests": 0, "failed": 0}
         return {**base, **self._summary(work, records=cmd.args["requests"])}
+
+    def profile(self, cmd: Command) -> dict[str, Any]:
+        """Measure this device's path to ``edge`` over the data plane's protocol (its own socket).
+
+        Runs on the command thread: heartbeats go on, other commands wait until it is done (at most
+        ``budget_s`` plus one reply timeout, plus the first empty-body request's load time when an echo is given).
+        """
+        a = cmd.args
+        echo = None
+        if a["echo_partition"] is not None:
+            echo = EchoTarget(a["echo_partition"], tuple(a["echo_shape"]))
+        try:
+            link = measure_link(a["edge"], sizes=a["sizes"], count=a["count"], warmup=a["warmup"],
+                                timeout_s=a["timeout_s"], first_timeout_s=max(a["timeout_s"], 30.0),
+                                budget_s=a["budget_s"], echo=echo, device_id=self.device_id,
+                                limits=DATA_LIMITS)
+        except ProfileError as exc:
+            raise CommandError("failed", f"profile {a['edge']}: {exc}") from None
+        return profile_to_dict(link)
 
     # ---- heartbeat content ----
     def status(self) -> dict[str, Any]:

@@ -4,6 +4,11 @@ One ROUTER socket serves every device. The I/O thread receives, validates and re
 thread runs the body in PyTorch (CUDA when present), so requests keep arriving, and their queue
 wait is measured honestly, while a body runs. The model's weights are held once: every device's
 body is a slice of the same module list (parameter sharing), whatever its split.
+
+With ``--controller`` the weights may also come over the control plane (``deploy_body``, hash-checked,
+agents/edge_control.py): the edge then starts without ``--weights`` and answers requests with ``no_body``
+until one arrives. A new body replaces the old one in one assignment; a request keeps the body it was
+admitted with, so one in flight finishes on the old weights.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import dataclasses
 import json
 import os
 import queue
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -54,6 +61,7 @@ class Job:
     b: int
     activations: np.ndarray
     recv_ns: int
+    body: Body | None = None  # the body the request was admitted with (runs on it even if a new one came)
 
 
 @dataclass
@@ -80,11 +88,19 @@ class BodyRunner:
         return y.detach().to("cpu").contiguous().numpy()
 
 
+@dataclass(frozen=True)
+class Body:
+    """The weights in service: swapped whole (one attribute assignment), never edited."""
+
+    runner: BodyRunner
+    weights_hash: str
+    version: int = 0
+
+
 class EdgeServer:
     def __init__(
         self,
-        runner: BodyRunner,
-        weights_hash: str,
+        body: Body | None,
         socket: zmq.Socket,
         ctx: zmq.Context,
         limits: WireLimits,
@@ -96,8 +112,7 @@ class EdgeServer:
         self.metrics = metrics  # None: no metrics
         if metrics is not None and shares:
             metrics.set_shares(shares)
-        self.runner = runner
-        self.weights_hash = weights_hash
+        self.body = body  # None: waiting for deploy_body
         self.sock = socket
         self.ctx = ctx
         self.limits = limits
@@ -113,24 +128,28 @@ class EdgeServer:
     def admit(self, route: bytes, request: Envelope, tensors: dict[str, np.ndarray], recv_ns: int) -> Job:
         if request.kind is not Kind.INFER_REQUEST:
             raise RequestRejected("bad_kind", f"the edge accepts infer_request and ping, not {request.kind.value}")
+        body = self.body  # read once: the request is checked against, and runs on, this body
+        if body is None:
+            raise RequestRejected("no_body", "this edge has no model yet: the controller sends one (deploy_body)")
+        model = body.runner.model
         try:
             pid = PartitionId.parse(request.partition)
         except PartitionError as exc:
             raise RequestRejected("bad_partition", str(exc)) from exc
-        if not self.weights_hash.startswith(pid.weights_hash):
+        if not body.weights_hash.startswith(pid.weights_hash):
             raise RequestRejected(
                 "unknown_weights",
                 f"partition {request.partition} names weights {pid.weights_hash}, "
-                f"this edge serves {self.weights_hash[:16]}",
+                f"this edge serves {body.weights_hash[:16]}",
             )
         try:
-            check_split(self.runner.model, pid.a, pid.b)
+            check_split(model, pid.a, pid.b)
         except PartitionError as exc:
             raise RequestRejected("bad_partition", str(exc)) from exc
         if set(tensors) != {"a1"}:
             raise RequestRejected("bad_tensors", f"expected exactly one tensor 'a1', got {sorted(tensors)}")
         a1 = tensors["a1"]
-        expected = activation_shape(self.runner.model, pid.a)
+        expected = activation_shape(model, pid.a)
         if a1.dtype != np.float32 or a1.ndim != len(expected) + 1 or tuple(a1.shape[1:]) != expected:
             raise RequestRejected(
                 "bad_shape",
@@ -139,7 +158,7 @@ class EdgeServer:
             )
         if not 1 <= a1.shape[0] <= self.max_batch:
             raise RequestRejected("bad_shape", f"batch size {a1.shape[0]} outside 1..{self.max_batch}")
-        return Job(route, request, pid.a, pid.b, a1, recv_ns)
+        return Job(route, request, pid.a, pid.b, a1, recv_ns, body)
 
     # ---- compute thread ----
     def compute_loop(self) -> None:
@@ -149,7 +168,8 @@ class EdgeServer:
             while (job := self._next_job()) is not None:
                 start_ns = time.time_ns()
                 try:
-                    a2 = self.runner.run(job.activations, job.a, job.b)
+                    assert job.body is not None  # admit() gave it one
+                    a2 = job.body.runner.run(job.activations, job.a, job.b)
                 except Exception as exc:  # a bad body run must not take the server down
                     err = RequestRejected("compute_failed", f"body blocks [{job.a}, {job.b}) failed: {exc}")
                     reply = error_envelope(err.code, err.message, device=job.request.device, seq=job.request.seq)
@@ -274,7 +294,10 @@ def _write_ready(path: Path, info: dict[str, object]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="testbed-edge", description=__doc__.splitlines()[0])
-    p.add_argument("--weights", type=Path, required=True, help="model weights (.safetensors with metadata)")
+    p.add_argument("--weights", type=Path, help="model weights (.safetensors with metadata); with --controller it "
+                                                "may be left out: the controller sends them (deploy_body)")
+    p.add_argument("--work-dir", type=Path, help="where weights sent by the controller are kept (default: a "
+                                                 "temporary directory, removed at exit)")
     p.add_argument("--bind", default="tcp://127.0.0.1:*", help="ZeroMQ endpoint; port * picks a free one")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -291,7 +314,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def start_metrics(args: argparse.Namespace, model: str, weights_hash: str,
                   device: torch.device) -> tuple[EdgeMetrics | None, Exporter | None]:
-    """The edge's metrics and their HTTP endpoint, when --metrics-port was given (else None, None)."""
+    """The edge's metrics and their HTTP endpoint, when --metrics-port was given (else None, None).
+
+    ``model`` and ``weights_hash`` are "" while the edge waits for a body (set_info again when one comes)."""
     if args.metrics_port is None:
         return None, None
     registry = CollectorRegistry()
@@ -313,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shares = parse_shares(args.shares)
         device = pick_device(args.device)
-        model, weights_hash = load_weights(args.weights)
+        if args.weights is None and not args.controller:
+            raise TestbedError("give --weights, or --controller to receive the weights from it (deploy_body)")
+        body = None
+        if args.weights is not None:
+            model, weights_hash = load_weights(args.weights)
+            body = Body(BodyRunner(model, device), weights_hash)
     except SharesError as exc:
         print(f"testbed-edge: --shares: {exc}", file=sys.stderr)
         return 2
@@ -331,31 +361,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     try:
-        metrics, exporter = start_metrics(args, model.name, weights_hash, device)
+        metrics, exporter = start_metrics(args, body.runner.model.name if body else "",
+                                          body.weights_hash if body else "", device)
     except TestbedError as exc:
         print(f"testbed-edge: {exc}", file=sys.stderr)
         sock.close(linger=0)
         ctx.term()
         return 2
-    server = EdgeServer(BodyRunner(model, device), weights_hash, sock, ctx, limits, stop, shares=shares,
-                        metrics=metrics)
-    print(f"testbed-edge: serving {model.name} ({weights_hash[:16]}) on {endpoint}, device {device}", flush=True)
-    ready: dict[str, object] = {"endpoint": endpoint, "pid": os.getpid(), "device": str(device)}
+    server = EdgeServer(body, sock, ctx, limits, stop, shares=shares, metrics=metrics)
+    what = f"{body.runner.model.name} ({body.weights_hash[:16]})" if body else "no model yet (waiting for deploy_body)"
+    print(f"testbed-edge: serving {what} on {endpoint}, device {device}", flush=True)
+    ready: dict[str, object] = {"endpoint": endpoint, "pid": os.getpid(), "device": str(device),
+                                "weights": body.weights_hash if body else None}
     if exporter is not None:
         print(f"testbed-edge: metrics on {exporter.url}", flush=True)
         ready["metrics_url"] = exporter.url
     if args.ready_file:
         _write_ready(args.ready_file, ready)
-    control = start_control(args, ctx, server, metrics)
+    own_work_dir = args.work_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="testbed-edge-")) if own_work_dir else args.work_dir
+
+    def load_body(path: Path, version: int) -> dict[str, object]:
+        """Load a weights file sent by the controller and put it in service (the control thread calls it)."""
+        model, weights_hash = load_weights(path)
+        server.body = Body(BodyRunner(model, device), weights_hash, version)
+        if metrics is not None:
+            metrics.set_info(model.name, weights_hash, str(device))
+        print(f"testbed-edge: now serving {model.name} ({weights_hash[:16]}), version {version}", flush=True)
+        return {"model": model.name, "weights_hash": weights_hash, "num_blocks": model.num_blocks}
+
     try:
-        server.serve()
+        control = start_control(args, ctx, server, metrics, load_body=load_body, work_dir=work_dir,
+                                metrics_url=exporter.url if exporter is not None else None)
+        try:
+            server.serve()
+        finally:
+            if control is not None:
+                control.__exit__(None, None, None)
+            sock.close(linger=1000)
+            ctx.term()
+            if exporter is not None:
+                exporter.close()
     finally:
-        if control is not None:
-            control.__exit__(None, None, None)
-        sock.close(linger=1000)
-        ctx.term()
-        if exporter is not None:
-            exporter.close()
+        if own_work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
     print(f"testbed-edge: stopped after {server.served} replies, {server.rejected} rejected messages", flush=True)
     return 0
 

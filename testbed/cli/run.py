@@ -59,8 +59,9 @@ def run(
     lab_state_dir: Annotated[Path | None, typer.Option(help="where the lab's record is kept")] = None,
     inventory: Annotated[Path | None, typer.Option(help="run on the real hosts of this Ansible inventory (edge and "
                                                         "devices over SSH): placement: {kind: inventory}")] = None,
-    probe_interval_s: Annotated[float, typer.Option(help="device agents probe their link to the edge this often "
-                                                         "while they send (0: never)")] = 1.0,
+    probe_interval_s: Annotated[float | None, typer.Option(
+        help="device agents probe their link to the edge this often while they send (0: never); "
+             "default: the experiment's planner.probe_interval")] = None,
 ) -> None:
     """Run an experiment: plan, deploy, send requests, re-split when links change; results in the output dir."""
     from testbed.controller.run import run_experiment

@@ -23,6 +23,7 @@ import zmq
 
 from testbed.controller import deploy as deploy_mod
 from testbed.controller.protocol import (
+    PROFILE,
     REPORT,
     SET_SHARES,
     SET_SPLIT,
@@ -192,6 +193,27 @@ class Controller:
         if activate:
             self._partitions[device] = partition
         return result
+
+    def deploy_body(self, weights_bytes: bytes, *, edge: str = "edge", timeout_s: float | None = None
+                    ) -> dict[str, Any]:
+        """Send a weights file's bytes to the edge (sha256 and a per-node version); it checks, loads and serves it.
+
+        The result names the model, its weights hash (the state hash partitions are named by), the version."""
+        version = self._versions.get(edge, 0) + 1
+        meta, tensors = deploy_mod.body_command(weights_bytes, version)
+        check_args(meta["command"], meta["args"])
+        result = self._send(edge, meta, tensors, timeout_s)
+        self._versions[edge] = version
+        return result
+
+    def profile(self, device: str, edge: str, *, timeout_s: float | None = None, **args: Any) -> dict[str, Any]:
+        """Have ``device`` measure its link to the edge at ``edge``; ``args``: sizes, count, warmup, timeout_s
+        (per reply, on the device), budget_s, echo_partition + echo_shape. The result is the LinkMeasurement in
+        the profile store's form (testbed.profiling.store.profile_from_dict reads it). The wait defaults to the
+        budget plus a minute (the first empty-body echo may wait for the edge's lazy load)."""
+        clean = check_args(PROFILE, {"edge": edge, **args})
+        wait_s = timeout_s if timeout_s is not None else clean["budget_s"] + 60.0
+        return self._send(device, {"command": PROFILE, "args": clean}, {}, wait_s)
 
     def set_split(self, device: str, partition: str, timeout_s: float | None = None) -> dict[str, Any]:
         result = self.command(device, SET_SPLIT, {"partition": partition}, timeout_s=timeout_s)

@@ -1,9 +1,11 @@
-"""Deployable partitions: head and tail ONNX bytes, content-hashed and versioned, checked on receipt.
+"""Deployable partitions (head and tail ONNX bytes) and edge bodies (a weights file), content-hashed and
+versioned, checked on receipt.
 
 The controller builds a :class:`Deployment` and turns it into a ``deploy`` command (:func:`to_command`); the
 device agent checks both hashes (:func:`verify`) before it writes anything, then stores the files under its
 work directory (:func:`store`), named by partition and hash so that a half-written or foreign file is never
-taken for a deployed one. Torch-free (the device agent imports it).
+taken for a deployed one. An edge body is the same idea with one artifact: the weights file's bytes
+(:func:`body_command`, :func:`verify_body`, :func:`store_body`). Torch-free (the device agent imports it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from testbed.controller.protocol import DEPLOY, Command, CommandError
+from testbed.controller.protocol import DEPLOY, DEPLOY_BODY, Command, CommandError
 
 _SAFE_RE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -87,3 +89,32 @@ def store(dep: Deployment, work_dir: Path) -> tuple[Path, Path]:
             os.replace(tmp, path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def body_command(weights: bytes, version: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(meta, tensors)`` of the deploy_body command carrying a weights file's bytes."""
+    args = {"weights_sha256": sha256_hex(weights), "version": version}
+    return {"command": DEPLOY_BODY, "args": args}, {"weights": np.frombuffer(bytes(weights), np.uint8)}
+
+
+def verify_body(command: Command) -> Artifact:
+    """The weights a received deploy_body command carries, if their hash matches; else CommandError(hash_mismatch)."""
+    data = np.ascontiguousarray(command.tensors["weights"]).tobytes()
+    expected, actual = command.args["weights_sha256"], sha256_hex(data)
+    if actual != expected:
+        raise CommandError("hash_mismatch", f"deploy_body: the weights ({len(data)} bytes) have sha256 "
+                                            f"{actual[:16]}..., the controller announced {expected[:16]}...; "
+                                            "the body in service is kept")
+    return Artifact(data, actual)
+
+
+def store_body(weights: Artifact, work_dir: Path) -> Path:
+    """Write a verified weights file atomically as ``work_dir/body/weights-<hash16>.safetensors``."""
+    folder = work_dir / "body"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"weights-{weights.sha256[:16]}.safetensors"
+    if not (path.exists() and sha256_hex(path.read_bytes()) == weights.sha256):
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(weights.data)
+        os.replace(tmp, path)
+    return path

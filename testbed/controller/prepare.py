@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,11 @@ def write_shards(spec: RunSpec, dataset: Any, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def build_run_problem(spec: RunSpec) -> PlanningProblem:
-    """One planner device per spec device (its link profile and class), named by the spec's ids."""
+def build_run_problem(spec: RunSpec, links: Mapping[str, Any] | None = None) -> PlanningProblem:
+    """One planner device per spec device (its link profile and class), named by the spec's ids.
+
+    ``links``: measured links (testbed.profiling.store.LinkMeasurement) per device id, used instead of the
+    device's link profile (rates, delay and the edge's measured per-request handling)."""
     from testbed.profiling.problem import build_problem
 
     planner, workload = spec.planner, spec.workload
@@ -92,7 +95,7 @@ def build_run_problem(spec: RunSpec) -> PlanningProblem:
     problem: PlanningProblem | None = None
     for i, dev in enumerate(spec.devices):
         problem = build_problem(
-            planner.device_profile, [dev.link], devices=1, mode=spec.mode,
+            planner.device_profile, [(links or {}).get(dev.id, dev.link)], devices=1, mode=spec.mode,
             device_classes=[dev.device_class] if dev.device_class else (), edge_profile=planner.edge_profile,
             edge_class=spec.edge.device_class, batch_size=workload.batch_size if workload else None,
             unlimited_rate_bps=UNSHAPED_RATE_BPS)

@@ -20,14 +20,22 @@ import numpy as np
 from testbed.errors import TestbedError
 
 DEPLOY, SET_SPLIT, START, STOP, REPORT, SET_SHARES = "deploy", "set_split", "start", "stop", "report", "set_shares"
+PROFILE, DEPLOY_BODY = "profile", "deploy_body"
 #: Commands a device agent takes, and those the edge server takes.
-DEVICE_COMMANDS: Final = (DEPLOY, SET_SPLIT, START, STOP, REPORT)
-EDGE_COMMANDS: Final = (SET_SHARES, REPORT)
-COMMANDS: Final = (DEPLOY, SET_SPLIT, START, STOP, REPORT, SET_SHARES)
+DEVICE_COMMANDS: Final = (DEPLOY, SET_SPLIT, START, STOP, REPORT, PROFILE)
+EDGE_COMMANDS: Final = (SET_SHARES, REPORT, DEPLOY_BODY)
+COMMANDS: Final = (DEPLOY, SET_SPLIT, START, STOP, REPORT, SET_SHARES, PROFILE, DEPLOY_BODY)
 
 MAX_BATCH: Final = 4096
 MAX_REQUESTS: Final = 10_000_000
 MAX_DURATION_S: Final = 7 * 86400.0
+#: Bounds of a `profile` command: the agent measures at most this much (sizes, rounds, time).
+MAX_PROFILE_SIZES: Final = 8
+MAX_PROFILE_BYTES: Final = 64 << 20
+MAX_PROFILE_COUNT: Final = 1000
+MAX_PROFILE_BUDGET_S: Final = 600.0
+#: What a `profile` command measures unless told otherwise: small enough for an LTE uplink within the budget.
+PROFILE_SIZES: Final = (16 * 1024, 256 * 1024)
 _PARTITION_RE: Final = re.compile(r"[0-9a-fA-F]{16}(?:[0-9a-fA-F]{48})?:(\d{1,4}):(\d{1,4})\Z")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}\Z")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}\Z")
@@ -130,6 +138,28 @@ def _shares(command: str, key: str, v: Any) -> dict[str, float]:
     return out
 
 
+def _sizes(command: str, key: str, v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list | tuple) or not 2 <= len(v) <= MAX_PROFILE_SIZES:
+        raise _fail(command, key, f"must be a list of 2..{MAX_PROFILE_SIZES} byte counts, got {v!r}")
+    out = tuple(_int(1, MAX_PROFILE_BYTES)(command, f"{key}[{i}]", s) for i, s in enumerate(v))
+    if len(set(out)) < 2:
+        raise _fail(command, key, f"needs at least two different sizes (a rate is a slope), got {v!r}")
+    return out
+
+
+def _echo_partition(command: str, key: str, v: Any) -> str:
+    a, b = split_of(_partition(command, key, v))
+    if a != b:
+        raise _fail(command, key, f"must be an empty-body partition weights_hash:a:a, got {v!r}")
+    return str(v)
+
+
+def _shape(command: str, key: str, v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list | tuple) or not 1 <= len(v) <= 8:
+        raise _fail(command, key, f"must be a list of 1..8 dimensions, got {v!r}")
+    return tuple(_int(1, 1 << 20)(command, f"{key}[{i}]", d) for i, d in enumerate(v))
+
+
 Check = Callable[[str, str, Any], Any]
 _REQUIRED: Final = object()
 
@@ -146,9 +176,14 @@ SCHEMAS: Final[Mapping[str, Mapping[str, tuple[Check, Any]]]] = {
     STOP: {},
     REPORT: {"requests": (_bool, False)},
     SET_SHARES: {"shares": (_shares, _REQUIRED)},
+    PROFILE: {"edge": (_endpoint, _REQUIRED), "sizes": (_sizes, PROFILE_SIZES),
+              "count": (_int(1, MAX_PROFILE_COUNT), 8), "warmup": (_int(0, 100), 2),
+              "timeout_s": (_float(0.0, 60.0), 5.0), "budget_s": (_float(0.0, MAX_PROFILE_BUDGET_S), 30.0),
+              "echo_partition": (_echo_partition, None), "echo_shape": (_shape, None)},
+    DEPLOY_BODY: {"weights_sha256": (_sha256, _REQUIRED), "version": (_int(0, 2**53), _REQUIRED)},
 }
 #: Tensors a command must carry (uint8, 1-D), and no others.
-TENSORS: Final[Mapping[str, tuple[str, ...]]] = {DEPLOY: ("head", "tail")}
+TENSORS: Final[Mapping[str, tuple[str, ...]]] = {DEPLOY: ("head", "tail"), DEPLOY_BODY: ("weights",)}
 
 
 def check_args(name: str, args: Any) -> dict[str, Any]:
@@ -171,6 +206,8 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
             out[key] = default
     if name == START and out["requests"] is None and out["duration_s"] is None:
         raise CommandError("bad_args", "start: give 'requests' or 'duration_s' (a workload must end)")
+    if name == PROFILE and (out["echo_partition"] is None) != (out["echo_shape"] is None):
+        raise CommandError("bad_args", "profile: 'echo_partition' and 'echo_shape' go together")
     return out
 
 

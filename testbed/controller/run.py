@@ -1,7 +1,9 @@
 """`testbed run EXPERIMENT.yaml`: one experiment from its file to its results.
 
-validate the spec -> weights, planning problem, initial plan, data shards -> place the processes (loopback or
-lab) -> controller + exporter, edge, one device agent per device; wait for registration -> deploy every
+validate the spec -> weights, planning problem, initial plan, data shards -> place the processes (loopback, lab
+or inventory) -> controller + exporter, edge, one device agent per device; wait for registration -> with
+`planner.profile_links`, every agent measures its link to the edge (`profile`), the measurements go to
+OUTPUT/profiles/ and the initial plan is made on them (not on the nominal link profiles) -> deploy every
 device's head and tail, set the edge shares -> start the workloads -> every `planner.evaluate_every`: feed the
 data plane's timings to the live estimator, apply due link changes, re-plan on the live problem (only the
 devices that are up) and move the splits the decision changes (deploy, then set_split; requests in flight finish
@@ -41,6 +43,11 @@ from testbed.supervisor import Child, ProcessGroup
 Say = Callable[[str], None]
 RESULT_FILES = ("requests.csv", "decisions.jsonl", "summary.json", "latency.png")
 RECENT = 40  # e2e samples per device behind the live p50
+#: What each agent measures before the first plan (`planner.profile_links`): two sizes around the activations'
+#: (a batch of 8 is about 100 kB at the CNN's cuts), few rounds, bounded: about 3 s on an LTE uplink, 0.1 s on 6G.
+PROFILE_ARGS: dict[str, Any] = {"sizes": [16 * 1024, 256 * 1024], "count": 6, "warmup": 1, "timeout_s": 10.0,
+                                "budget_s": 20.0}
+PROFILES_DIR = "profiles"
 
 
 class RunError(TestbedError):
@@ -89,7 +96,7 @@ class Run:
 
     def __init__(self, spec: RunSpec, *, say: Say = print, progress: Callable[[Progress], None] | None = None,
                  state_dir: Path | None = None, cache_dir: Path | None = None, heartbeat_s: float = 1.0,
-                 register_timeout_s: float = 120.0, probe_interval_s: float = 1.0) -> None:
+                 register_timeout_s: float = 120.0, probe_interval_s: float | None = None) -> None:
         if spec.mode != "inference":
             raise RunError("mode: training is run by `testbed train EXPERIMENT.yaml` for now; `testbed run` runs "
                            "inference experiments")
@@ -103,7 +110,8 @@ class Run:
         self.spec, self.say, self.on_progress = spec, say, progress
         self.state_dir, self.cache_dir = state_dir, cache_dir or prepare.default_cache_dir()
         self.heartbeat_s, self.register_timeout_s = heartbeat_s, register_timeout_s
-        self.probe_interval_s = probe_interval_s  # agents probe their link this often while a workload runs
+        # agents probe their link this often while a workload runs: the caller's override, else the spec's
+        self.probe_interval_s = spec.planner.probe_interval_s if probe_interval_s is None else probe_interval_s
         self.ids = [d.id for d in spec.devices]
         self.st = _State()
         self.changes: queue.Queue[Change] = queue.Queue()
@@ -120,6 +128,11 @@ class Run:
         for name in RESULT_FILES:
             (out / name).unlink(missing_ok=True)
         self.problem = prepare.build_run_problem(spec)  # cheap, and the likeliest to refuse: first
+        self.link_sources = {d: "nominal" for d in self.ids}
+        profile = spec.profile_links
+        if profile:
+            for old in (out / PROFILES_DIR).glob("*-link.yaml"):
+                old.unlink()
         dataset = None
         if prepare.needs_dataset(spec):
             from testbed.training.datasets import load_dataset
@@ -129,10 +142,7 @@ class Run:
         weights = prepare.load_run_weights(spec, dataset, self.cache_dir, self.say)
         self.partitions = prepare.Partitions(weights, self.cache_dir)
         self.replanner = Replanner(spec.planner.policy(), fixed=spec.fixed_splits)
-        first = self.replanner.evaluate(self.problem, 0.0)
-        self.say("initial plan: " + _describe(first.plan))
-        for d in first.plan.devices:
-            self.partitions.get(d.a, d.b)  # export before anything starts
+        first = None if profile else self._initial_plan()  # with profiling: once the links are measured
         shards = prepare.write_shards(spec, dataset, out / "data") if dataset is not None else {}
         self.estimator = LiveEstimator(spec.planner.estimator(), self.problem.model)
         with contextlib.ExitStack() as stack:
@@ -148,6 +158,9 @@ class Run:
                 exporter = start_controller_exporter(ctl, placement, self.say)
                 stack.callback(exporter.close)
             edge, edge_endpoint = self._start_processes(placement, group, ctl, weights, out)
+            if first is None:
+                self.problem = prepare.build_run_problem(spec, self._profile_links(ctl, edge_endpoint, weights))
+                first = self._initial_plan()
             if spec.metrics.prometheus and exporter is not None:
                 prom, self.prometheus = start_prometheus(spec, ctl, placement, exporter.url, self._edge_metrics_url,
                                                          self.say)
@@ -159,6 +172,49 @@ class Run:
         return self._write(reports, end_s, weights)
 
     # ---- setup ----
+    def _initial_plan(self) -> Decision:
+        first = self.replanner.evaluate(self.problem, 0.0)
+        self.say("initial plan: " + _describe(first.plan))
+        for d in first.plan.devices:
+            self.partitions.get(d.a, d.b)  # export before any device needs it
+        return first
+
+    def _profile_links(self, ctl: Controller, edge_endpoint: str, weights: Any) -> dict[str, Any]:
+        """Every device measures its link to the edge (one after another: the edge's link is shared); the
+        measurements are saved as OUTPUT/profiles/DEVICE-link.yaml (the profile store's format). A device whose
+        measurement fails or lacks a rate keeps its nominal link profile (said, and recorded in decisions.jsonl)."""
+        from testbed.profiling.links import empty_body_echo
+        from testbed.profiling.problem import link_rates
+        from testbed.profiling.store import LinkMeasurement, ProfileError, profile_from_dict, save_profile
+
+        folder = self.spec.output / PROFILES_DIR
+        echo = empty_body_echo(weights.model, weights.weights_hash)  # so the edge's per-request cost is measured
+        measured: dict[str, LinkMeasurement] = {}
+        for dev in self.ids:
+            record: dict[str, Any] = {"t_s": 0.0, "event": "profile", "device": dev}
+            try:
+                data = ctl.profile(dev, edge_endpoint, echo_partition=echo.partition,
+                                   echo_shape=list(echo.sample_shape), **PROFILE_ARGS)
+                link = profile_from_dict(data, where=f"{dev}'s link measurement")
+                if not isinstance(link, LinkMeasurement):
+                    raise ProfileError(f"{dev} answered profile with a {type(link).__name__}, not a link")
+                up, down, delay = link_rates(link)
+            except (CommandFailed, ProfileError) as exc:
+                self.say(f"{dev}: link not measured ({exc}); planning with its link profile")
+                self.st.decisions.append({**record, "source": "nominal", "error": str(exc)})
+                continue
+            path = save_profile(link, folder / f"{dev}-link.yaml")
+            measured[dev] = link
+            self.link_sources[dev] = "measured"
+            self.st.decisions.append({**record, "source": "measured", "file": f"{PROFILES_DIR}/{path.name}",
+                                      "up_mbps": round(up / 1e6, 3), "down_mbps": round(down / 1e6, 3),
+                                      "delay_ms": round(delay * 1e3, 4),
+                                      "edge_request_ms": None if link.edge_request_s is None
+                                      else round(link.edge_request_s * 1e3, 4)})
+            self.say(f"{dev}: link measured, up {up / 1e6:.1f} Mbit/s, down {down / 1e6:.1f} Mbit/s, "
+                     f"delay {delay * 1e3:.3f} ms -> {path}")
+        return measured
+
     def _start_processes(self, placement: Placement, group: ProcessGroup, ctl: Controller, weights: Any,
                          out: Path) -> tuple[Child | None, str]:
         launch = Launch(ctl.endpoint, weights.path, self.heartbeat_s, self.probe_interval_s, self.register_timeout_s,
@@ -193,7 +249,10 @@ class Run:
             ctl.deploy(d.device, head, tail, pid, activate=True)
             self.st.splits[d.device] = (d.a, d.b)
         self._set_shares(ctl, decision.plan)
-        self.st.decisions.append(results.decision_record(decision, 0.0))
+        links = {d.name: {"source": self.link_sources.get(d.name, "nominal"), "up_bps": d.uplink_bps,
+                          "down_bps": d.downlink_bps, "delay_s": d.delay_s, "edge_request_s": d.edge_request_s}
+                 for d in self.problem.devices}
+        self.st.decisions.append({**results.decision_record(decision, 0.0), "links": links})
 
     # ---- the workload and the re-planning loop ----
     def _workload(self, ctl: Controller, group: ProcessGroup, edge: Child | None, edge_endpoint: str,

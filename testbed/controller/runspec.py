@@ -51,6 +51,7 @@ EDGE_DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("per-device", "common")
 DATASETS = ("auto", "fashion-mnist", "digits")
 MAX_DEVICES = 200
+MIN_PROBE_INTERVAL_S = 0.05  # the device agent's floor (agents.link_probe.MIN_INTERVAL_S)
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}\Z")
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,5}\Z")
 
@@ -107,6 +108,8 @@ class PlannerSpec:
     window: int
     device_profile: Path | None  # None: profile the devices first
     edge_profile: Path | None
+    profile_links: bool | None = None  # measure the links before the first plan; None: unless on loopback
+    probe_interval_s: float = 1.0  # agents probe their link this often while they send (0: never)
 
     def policy(self) -> ReplanPolicy:
         return ReplanPolicy(margin=self.margin, consecutive=self.consecutive, min_interval_s=self.min_interval_s,
@@ -155,6 +158,14 @@ class RunSpec:
     link_changes: tuple[LinkChange, ...]
     metrics: MetricsSpec
     output: Path
+
+    @property
+    def profile_links(self) -> bool:
+        """Measure the links before the first plan: as the planner says, else where links are real or shaped
+        (lab, inventory); on loopback the nominal 'unshaped' link is as good as a measurement."""
+        if self.planner.profile_links is not None:
+            return self.planner.profile_links
+        return self.mode == "inference" and self.placement.kind != "loopback"
 
     @property
     def fixed_splits(self) -> dict[str, tuple[int, int]]:
@@ -330,10 +341,24 @@ def _placement(p: Problems, value: Any, base: Path) -> PlacementSpec:
     return PlacementSpec(kind, prefix, inventory)
 
 
+def _probe_interval(p: Problems, value: Any) -> float:
+    s = _seconds(p, "planner.probe_interval", value, 1.0)
+    if s is None:
+        return 1.0
+    if s != 0 and not MIN_PROBE_INTERVAL_S <= s <= 3600:
+        p.add("planner.probe_interval", f"must be 0s (no probes) or between {MIN_PROBE_INTERVAL_S * 1e3:g}ms and "
+                                        f"3600s, got {value!r}")
+        return 1.0
+    return s
+
+
 def _planner(p: Problems, value: Any, mode: str, base: Path) -> PlannerSpec:
     keys = ("algorithm", "splits", "resplit", "margin", "consecutive", "min_interval", "keep_slack",
-            "evaluate_every", "estimator", "device_profile", "edge_profile")
+            "evaluate_every", "estimator", "device_profile", "edge_profile", "profile_links", "probe_interval")
     m = mapping(p, "planner", value, keys)
+    for key in ("profile_links", "probe_interval"):
+        if mode == "training" and key in m:
+            p.add(f"planner.{key}", "only for inference (`testbed run`'s device agents measure and probe links)")
     choice(p, "planner.algorithm", m.get("algorithm"), "lscra", ("lscra",))
     e = mapping(p, "planner.estimator", m.get("estimator"), ("time_constant", "window"))
     defaults, est = ReplanPolicy(), EstimatorConfig()
@@ -351,6 +376,9 @@ def _planner(p: Problems, value: Any, mode: str, base: Path) -> PlannerSpec:
         window=integer(p, "planner.estimator.window", e.get("window"), est.window, 1, 64) or est.window,
         device_profile=_path(p, "planner.device_profile", m.get("device_profile"), base, "block profile"),
         edge_profile=_path(p, "planner.edge_profile", m.get("edge_profile"), base, "block profile"),
+        profile_links=None if m.get("profile_links") is None else
+        boolean(p, "planner.profile_links", m.get("profile_links"), False),
+        probe_interval_s=_probe_interval(p, m.get("probe_interval")),
     )
 
 

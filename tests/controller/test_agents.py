@@ -18,8 +18,11 @@ import pytest
 
 from testbed.controller.api import Controller
 from testbed.controller.deploy import sha256_hex
+from testbed.controller.protocol import CommandError
 from testbed.controller.server import CommandFailed
 from testbed.partition import PartitionId
+from testbed.profiling.links import empty_body_echo
+from testbed.profiling.store import LinkMeasurement, profile_from_dict
 
 from ..agents.test_device import no_torch_env
 from ..conftest import REPO, stop_process, wait_for_file
@@ -163,6 +166,39 @@ def test_testbed_status_json_against_the_running_controller(cluster: Cluster) ->
     assert nodes["dev1"]["link"]["uplink_bps"] > 0 and nodes["dev1"]["link"]["source"] == "raw"
     assert nodes["edge"]["status"]["served"] >= 150
     assert status["down_after_s"] == pytest.approx(3 * HB)
+
+
+def test_profile_measures_the_agents_link_to_the_real_edge(cluster: Cluster, cnn_weights) -> None:
+    """The torch-free agent (torch blocked in its environment) measures its path to the edge with
+    testbed.profiling.links and answers with the measurement in the profile store's form."""
+    echo = empty_body_echo(cnn_weights.model, cnn_weights.weights_hash)
+    data = cluster.ctl.profile("dev2", cluster.edge_endpoint, sizes=[4096, 65536], count=4, warmup=1,
+                               budget_s=20.0, echo_partition=echo.partition, echo_shape=list(echo.sample_shape))
+    link = profile_from_dict(data, where="dev2's answer")
+    assert isinstance(link, LinkMeasurement)
+    assert link.endpoint == cluster.edge_endpoint and link.sizes == (4096, 65536)
+    assert link.downlink_method == "ping-echo" and link.uplink_bps > 0 and link.downlink_bps is not None
+    assert link.rtt.n == 4 and link.rtt.median > 0
+    assert link.request_bytes == echo.sample_bytes and link.edge_request_s is not None  # the empty-body echo
+    assert link.host["hostname"] and link.host["accelerator"] is None  # the agent's own facts, torch never probed
+
+
+def test_profile_with_bad_arguments_or_no_edge_is_refused_and_the_agent_goes_on(cluster: Cluster) -> None:
+    for args, code, words in (({"edge": cluster.edge_endpoint, "count": 0}, "bad_args", "count"),
+                              ({"edge": cluster.edge_endpoint, "sizes": [4096]}, "bad_args", "sizes"),
+                              ({"edge": cluster.edge_endpoint, "budget_s": 1e9}, "bad_args", "budget_s"),
+                              ({"edge": cluster.edge_endpoint, "echo_shape": [8]}, "bad_args", "together"),
+                              ({"edge": "http://x"}, "bad_args", "endpoint"),
+                              ({"edge": "tcp://127.0.0.1:1", "timeout_s": 0.3, "budget_s": 2.0}, "failed",
+                               "no reply from the edge")):
+        with pytest.raises(CommandFailed) as info:  # past the controller's own check, on purpose
+            cluster.ctl._send("dev2", {"command": "profile", "args": args}, {}, timeout_s=30)
+        assert info.value.code == code and words in str(info.value), (args, info.value)
+        assert "\n" not in str(info.value)
+    with pytest.raises(CommandError, match="count"):  # the controller refuses it before sending
+        cluster.ctl.profile("dev2", cluster.edge_endpoint, count=0)
+    assert cluster.ctl.report("dev2")["device"] == "dev2"
+    assert cluster.procs["dev2"].poll() is None
 
 
 def test_a_real_agent_answers_garbage_with_an_error_and_goes_on(cluster: Cluster) -> None:

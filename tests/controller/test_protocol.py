@@ -103,3 +103,29 @@ def test_register_and_heartbeat_objects_are_checked() -> None:
     for bad in ({"status": []}, {"samples": {}}, {"samples": [1]}, {"samples": [{}] * 10_000}, {"x": 1}):
         with pytest.raises(CommandError):
             check_heartbeat(bad)
+
+
+def test_profile_and_deploy_body_arguments() -> None:
+    args = check_args("profile", {"edge": "tcp://127.0.0.1:5555"})
+    assert args["sizes"] == (16 * 1024, 256 * 1024) and args["count"] == 8 and args["budget_s"] == 30.0
+    for bad, fragment in (({"sizes": [1, 1]}, "two different sizes"), ({"sizes": [1, 2 ** 30]}, "sizes[1]"),
+                          ({"count": 10 ** 6}, "count"), ({"echo_partition": "0123456789abcdef:2:5",
+                                                           "echo_shape": [8]}, "empty-body")):
+        with pytest.raises(CommandError, match=fragment.replace("[", r"\[")) as info:
+            check_args("profile", {"edge": "tcp://127.0.0.1:5555", **bad})
+        assert info.value.code == "bad_args"
+    assert check_args("deploy_body", {"weights_sha256": "a" * 64, "version": 1}) == {
+        "weights_sha256": "a" * 64, "version": 1}
+
+
+def test_body_round_trip_and_a_corrupted_body_is_refused(tmp_path: Path) -> None:
+    data = b"weights" * 100
+    meta, tensors = deploy.body_command(data, version=2)
+    cmd = parse_command(meta, tensors)
+    assert deploy.verify_body(cmd).sha256 == meta["args"]["weights_sha256"]
+    path = deploy.store_body(deploy.verify_body(cmd), tmp_path)
+    assert path.read_bytes() == data and path.parent == tmp_path / "body"
+    tensors["weights"] = np.frombuffer(data[:-1] + b"x", np.uint8)
+    with pytest.raises(CommandError) as info:
+        deploy.verify_body(parse_command(meta, tensors))
+    assert info.value.code == "hash_mismatch" and "kept" in info.value.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from testbed.controller.replan import ReplanPolicy
 from testbed.controller.runspec import (
     CACHED_WEIGHTS,
+    PlacementSpec,
     RunSpecError,
     load_runspec,
     parse_runspec,
@@ -335,3 +337,36 @@ def test_garbage_gets_a_runspec_error_never_a_traceback(doc: dict) -> None:
         parse_runspec(doc, base_dir=ROOT)
     except RunSpecError as exc:
         assert str(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# planner.profile_links and planner.probe_interval
+
+
+def test_profile_links_defaults_by_placement_and_can_be_set() -> None:
+    assert _parse().planner.profile_links is None and _parse().profile_links  # lab: measured links
+    loop = _parse(placement="loopback", link_changes=_DROP)
+    assert loop.profile_links is False  # loopback: the nominal 'unshaped' link is as good
+    assert _parse(planner={"profile_links": False}).profile_links is False
+    assert _parse(placement="loopback", link_changes=_DROP, planner={"profile_links": True}).profile_links is True
+    inventory = dataclasses.replace(loop, placement=PlacementSpec("inventory", inventory=Path("hosts.yml")))
+    assert inventory.profile_links  # `testbed run --inventory` replaces the placement after parsing
+
+
+def test_probe_interval_is_a_duration_with_a_floor() -> None:
+    assert _parse().planner.probe_interval_s == 1.0
+    assert _parse(planner={"probe_interval": "250ms"}).planner.probe_interval_s == 0.25
+    assert _parse(planner={"probe_interval": "0s"}).planner.probe_interval_s == 0.0  # no probes
+
+
+@pytest.mark.parametrize(("planner", "expected"), [
+    ({"profile_links": "yes"}, "planner.profile_links: expected true or false, got a string 'yes'"),
+    ({"profile_links": 1}, "planner.profile_links: expected true or false, got an integer 1"),
+    ({"probe_interval": 1}, "planner.probe_interval: duration 1 has no unit"),
+    ({"probe_interval": "10ms"}, "planner.probe_interval: must be 0s (no probes) or between 50ms and 3600s, got "
+                                 "'10ms'"),
+    ({"probe_interval": "4000s"}, "planner.probe_interval: must be 0s (no probes) or between 50ms and 3600s"),
+    ({"probe_intervall": "1s"}, "planner.probe_intervall: unknown key (did you mean 'probe_interval'?)"),
+])
+def test_profile_links_and_probe_interval_errors(planner: dict, expected: str) -> None:
+    assert _one(planner=planner).startswith(expected)
