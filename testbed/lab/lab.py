@@ -27,6 +27,29 @@ from testbed.net.tcplan import plan_direction
 DIRECTIONS = ("uplink", "downlink")
 
 
+#: TCP congestion control of every lab host, first that the kernel accepts. A new namespace inherits the host's
+#: default, which on some machines (this CI VM) is BBR: BBR paces each reply at ~2.9 × a bandwidth estimate that
+#: request/response traffic keeps far below the link rate (app-limited samples of about one reply per RTT), so
+#: every reply above BBR's ~1 ms send quantum took ≈ RTT/2.9 longer (+2.2 ms at a 6.7 ms RTT) than the link
+#: gives. Linux's default (cubic) and the Raspberry Pi's do not pace; reno is the fallback where only
+#: "allowed" algorithms may be set outside the initial namespace. See docs/delayline.md.
+CONGESTION_CONTROLS = ("cubic", "reno")
+
+
+def pin_congestion_control(netns: str, choices: tuple[str, ...] = CONGESTION_CONTROLS) -> str:
+    """Set the namespace's default TCP congestion control to the first of `choices` it takes; return it."""
+    refused: list[str] = []
+    for name in choices:
+        try:
+            hosts.write_sysctl(netns, "net.ipv4.tcp_congestion_control", name)
+        except OSError as exc:  # ENOENT: not built; EPERM: not in tcp_allowed_congestion_control
+            refused.append(f"{name}: {exc.strerror or exc}")
+            continue
+        return name
+    raise LabError(f"{netns}: no TCP congestion control out of {', '.join(choices)} could be set "
+                   f"({'; '.join(refused)})")
+
+
 def netem_available() -> bool:
     from testbed.net.capabilities import backend_for, probe
 
@@ -74,6 +97,7 @@ class Lab:
             # A request after an idle gap must not restart from a slow-start window: the latency model (and a
             # long-lived split-inference connection on a real device, tuned the same way) assumes the link rate.
             hosts.write_sysctl(host.netns, "net.ipv4.tcp_slow_start_after_idle", "0")
+            pin_congestion_control(host.netns)
         hosts.build_switch(topo)
         hosts.attach_by_veth(topo, topo.edge)
         for dev in topo.devices:

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from testbed.lab.hosts import list_namespaces, pids_in_namespace
-from testbed.lab.lab import Lab
+from testbed.lab.lab import CONGESTION_CONTROLS, Lab, pin_congestion_control
 from testbed.lab.state import StateStore
+from testbed.lab.topology import LabError
 from testbed.net.link import DirectionSpec, LinkSpec
 
 from ..conftest import REPO
@@ -35,6 +36,7 @@ mode, host = sys.argv[1], sys.argv[2]
 if mode == "serve":
     srv = socket.create_server((host, 7777)); srv.settimeout(30)
     conn, _ = srv.accept(); conn.settimeout(30)
+    cc = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0]
     for _ in range(15):
         conn.recv(4); conn.sendall(b"pong")
     got, first, last = 0, None, None
@@ -42,7 +44,7 @@ if mode == "serve":
         data = conn.recv(1 << 16)
         if not data: break
         now = time.perf_counter(); first = first or now; last = now; got += len(data)
-    conn.sendall(struct.pack("!d", got * 8 / (last - first) / 1e6)); conn.close(); sys.exit(0)
+    conn.sendall(struct.pack("!d16s", got * 8 / (last - first) / 1e6, cc)); conn.close(); sys.exit(0)
 s = socket.create_connection((host, 7777), timeout=10)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 rtts = []
@@ -52,8 +54,14 @@ payload = b"x" * (1 << 16); t = time.perf_counter()
 while time.perf_counter() - t < 1.5:
     s.sendall(payload)
 s.shutdown(socket.SHUT_WR)
-rate = struct.unpack("!d", s.recv(8))[0]
-print(json.dumps({"rtt_ms": sorted(rtts)[len(rtts) // 2], "mbit_s": rate}))
+reply = b""
+while len(reply) < 24:
+    chunk = s.recv(24 - len(reply))
+    if not chunk: break
+    reply += chunk
+rate, edge_cc = struct.unpack("!d16s", reply)
+cc = [c.split(b"\0")[0].decode() for c in (s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16), edge_cc)]
+print(json.dumps({"rtt_ms": sorted(rtts)[len(rtts) // 2], "mbit_s": rate, "congestion_control": cc}))
 """
 
 
@@ -95,6 +103,12 @@ def test_delay_line_lab_shapes_rate_and_delay(lab: Lab) -> None:
     measured = probe(lab, "dev1")
     assert 9.5 <= measured["rtt_ms"] <= 14, measured  # 5 ms each way
     assert 35 <= measured["mbit_s"] <= 55, measured  # uplink shaped to 50 Mbit/s
+    # Both ends of a real connection use the lab's congestion control, not the host's default (BBR here, which
+    # paces request/response replies far below the link rate).
+    device_cc, edge_cc = measured["congestion_control"]
+    assert device_cc == edge_cc and device_cc in CONGESTION_CONTROLS, measured
+    with pytest.raises(LabError, match="no TCP congestion control out of tb-no-such-cc"):
+        pin_congestion_control(f"{PREFIX}-edge", ("tb-no-such-cc",))
     status = lab.status()
     dev1 = next(h for h in status["hosts"] if h["name"] == "dev1")
     assert "htb" in kinds(dev1["qdiscs"]["uplink"]) and "htb" in kinds(dev1["qdiscs"]["downlink"])
