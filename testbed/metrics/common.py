@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import platform
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Info, PlatformCollector, ProcessCollector
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from testbed.wire.envelope import PROTOCOL_VERSION
+
+S = TypeVar("S")
 
 # 100 µs (a loopback hop, a small head) up to 30 s (a slow device on a bad link): 1-2.5-5 per decade.
 STAGE_BUCKETS_S: Final[tuple[float, ...]] = (
@@ -51,3 +56,30 @@ def register_process_metrics(registry: CollectorRegistry) -> None:
     """The standard process_* and python_info metrics, on this registry (entry points only)."""
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
+
+
+class SnapshotCollector(Collector, Generic[S]):
+    """Metrics built at scrape time from a snapshot of live state (``snapshot()``), rendered by ``render``.
+
+    A snapshot function that raises does not fail the scrape: ``empty`` is rendered instead and the failure is
+    counted (the render function exports the count). ``describe`` lists the families without calling the snapshot
+    (registering would otherwise call collect())."""
+
+    def __init__(self, snapshot: Callable[[], S], empty: S, families: Callable[[], dict[str, Metric]],
+                 render: Callable[[S, int], list[Metric]]) -> None:
+        self.snapshot = snapshot
+        self.failures = 0
+        self._empty, self._families, self._render = empty, families, render
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            snap = self.snapshot()
+        except Exception:  # a scrape must not fail because the state is mid-update
+            with self._lock:
+                self.failures += 1
+            snap = self._empty
+        yield from self._render(snap, self.failures)

@@ -7,13 +7,13 @@ state and the exported gauges.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from testbed.metrics.common import SnapshotCollector
 
 
 @dataclass(frozen=True)
@@ -101,23 +101,8 @@ def snapshot_families(snap: ControllerSnapshot, failures: int = 0) -> list[Metri
     return list(f.values())
 
 
-class ControllerCollector(Collector):
+class ControllerCollector(SnapshotCollector[ControllerSnapshot]):
     """Register with `registry.register(ControllerCollector(controller.snapshot))`."""
 
     def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.failures = 0
-        self._lock = threading.Lock()
-
-    def describe(self) -> Iterator[Metric]:
-        # Without describe(), registering would call collect() and so the snapshot function.
-        yield from _families().values()
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            snap = self.snapshot()
-        except Exception:  # a scrape must not fail because the controller is mid-update
-            with self._lock:
-                self.failures += 1
-            snap = ControllerSnapshot(devices=())
-        yield from snapshot_families(snap, self.failures)
+        super().__init__(snapshot, ControllerSnapshot(devices=()), _families, snapshot_families)

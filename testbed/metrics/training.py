@@ -8,14 +8,12 @@ training run and `testbed run` export them under the same names.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from testbed.metrics.common import DIRECTIONS
+from testbed.metrics.common import DIRECTIONS, SnapshotCollector
 
 #: Phases of a round, disjoint (they add up to the round's wall time, less the tables' write).
 PHASES = ("steps", "sync", "collect", "eval", "checkpoint")
@@ -120,22 +118,8 @@ def training_families(snap: TrainingSnapshot, failures: int = 0) -> list[Metric]
     return list(f.values())
 
 
-class TrainingCollector(Collector):
+class TrainingCollector(SnapshotCollector[TrainingSnapshot]):
     """Register with `registry.register(TrainingCollector(monitor.training_snapshot))`."""
 
     def __init__(self, snapshot: TrainingSource) -> None:
-        self.snapshot = snapshot
-        self.failures = 0
-        self._lock = threading.Lock()
-
-    def describe(self) -> Iterator[Metric]:
-        yield from _families().values()
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            snap = self.snapshot()
-        except Exception:  # a scrape must not fail because the controller is mid-update
-            with self._lock:
-                self.failures += 1
-            snap = TrainingSnapshot(name="unknown", scheme="unknown")
-        yield from training_families(snap, self.failures)
+        super().__init__(snapshot, TrainingSnapshot(name="unknown", scheme="unknown"), _families, training_families)
