@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,6 +21,7 @@ app = typer.Typer(help="Hosts in network namespaces, links shaped to 5G/6G profi
 
 PrefixOpt = Annotated[str, typer.Option(help="name prefix of everything the lab creates")]
 StateOpt = Annotated[Path, typer.Option(help="where the lab's record is kept")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output (one JSON document on stdout)")]
 
 
 def lab_for(prefix: str, state_dir: Path) -> Lab:
@@ -35,6 +36,7 @@ def up(
     device_class: Annotated[str | None, typer.Option(help="device class (profiles/devices/NAME.yaml)")] = None,
     backend: Annotated[str, typer.Option(help="auto, netem or delay-line")] = "auto",
     ssh: Annotated[bool, typer.Option(help="a real sshd (key-only) in every host, and an Ansible inventory")] = False,
+    as_json: JsonOpt = False,
     prefix: PrefixOpt = DEFAULT_PREFIX,
     state_dir: StateOpt = DEFAULT_STATE_DIR,
 ) -> None:
@@ -47,14 +49,36 @@ def up(
                        None if backend == "auto" else backend,  # type: ignore[arg-type]
                        device_class, ssh=ssh)
     topo = state.topology
-    Console().print(f"lab {topo.prefix} up: edge {topo.edge.address} and {len(topo.devices)} device(s) on "
-                    f"{topo.subnet}, link {profile.name}, backend {topo.backend}"
-                    + (f", device class {device_class}" if device_class else ""))
+    summary = lab_summary(state)
+    if not as_json:
+        Console().print(f"lab {topo.prefix} up: edge {topo.edge.address} and {len(topo.devices)} device(s) on "
+                        f"{topo.subnet}, link {profile.name}, backend {topo.backend}"
+                        + (f", device class {device_class}" if device_class else ""))
     if ssh:
-        _print_ssh_help(the_lab, state)
+        summary["ssh"] = _print_ssh_help(the_lab, state, to_stderr=as_json)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
 
 
-def _print_ssh_help(the_lab: Lab, state: LabState) -> None:
+def lab_summary(state: LabState) -> dict[str, Any]:
+    """What `lab up --json` prints: the lab's record as a user needs it (names, addresses, links in base units)."""
+    topo = state.topology
+    return {
+        "prefix": topo.prefix,
+        "subnet": topo.subnet,
+        "backend": topo.backend,
+        "link_profile": topo.link_profile,
+        "switch_netns": topo.switch_ns,
+        "router_address": topo.router_address,
+        "hosts": [{"name": h.name, "role": h.role, "netns": h.netns, "address": h.address,
+                   "device_class": h.device_class} for h in topo.hosts],
+        "links": {name: {d: dict(spec.get(d, {})) for d in ("uplink", "downlink")}
+                  for name, spec in state.links.items()},
+        "complete": state.complete,
+    }
+
+
+def _print_ssh_help(the_lab: Lab, state: LabState, to_stderr: bool = False) -> dict[str, str]:
     """Write the lab's Ansible inventory and say how to reach the hosts (from the switch namespace)."""
     from testbed.remote.inventory import dump_inventory, lab_inventory
 
@@ -63,19 +87,26 @@ def _print_ssh_help(the_lab: Lab, state: LabState) -> None:
     access.inventory.write_text(dump_inventory(lab_inventory(topo, access.client_key, access.known_hosts,
                                                              the_lab.store.run_dir(topo.prefix))))
     dev = topo.devices[0]
-    typer.echo(f"sshd (key-only) on every host; client key {access.client_key}, known hosts {access.known_hosts}\n"
-               f"  ssh:     ip netns exec {topo.switch_ns} ssh -i {access.client_key} "
-               f"-o UserKnownHostsFile={access.known_hosts} root@{dev.address}\n"
-               f"  remote:  testbed remote facts all -i {access.inventory}   (dials from {topo.switch_ns} itself)\n"
-               f"  ansible: ip netns exec {topo.switch_ns} ansible-playbook -i {access.inventory} ansible/agent.yml "
-               f"-e testbed_wheelhouse=DIR")
+    help_text = (f"sshd (key-only) on every host; client key {access.client_key}, known hosts {access.known_hosts}\n"
+                 f"  ssh:     ip netns exec {topo.switch_ns} ssh -i {access.client_key} "
+                 f"-o UserKnownHostsFile={access.known_hosts} root@{dev.address}\n"
+                 f"  remote:  testbed remote facts all -i {access.inventory}   (dials from {topo.switch_ns} itself)\n"
+                 f"  ansible: ip netns exec {topo.switch_ns} ansible-playbook -i {access.inventory} ansible/agent.yml "
+                 f"-e testbed_wheelhouse=DIR")
+    typer.echo(help_text, err=to_stderr)
+    return {"client_key": str(access.client_key), "known_hosts": str(access.known_hosts),
+            "inventory": str(access.inventory), "dial_from_netns": topo.switch_ns}
 
 
 @app.command()
 @friendly_errors
-def down(prefix: PrefixOpt = DEFAULT_PREFIX, state_dir: StateOpt = DEFAULT_STATE_DIR) -> None:
+def down(as_json: JsonOpt = False, prefix: PrefixOpt = DEFAULT_PREFIX,
+         state_dir: StateOpt = DEFAULT_STATE_DIR) -> None:
     """Remove everything the lab created (idempotent; also after a crash)."""
     removed = lab_for(prefix, state_dir).down()
+    if as_json:
+        typer.echo(json.dumps({"prefix": prefix, "removed": removed}, indent=2))
+        return
     typer.echo(f"removed: {', '.join(removed)}" if removed else "nothing to remove")
 
 

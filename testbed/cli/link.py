@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +24,35 @@ app = typer.Typer(help="Change and read the links of the running lab.", no_args_
 
 PrefixOpt = Annotated[str, typer.Option(help="name prefix of the lab")]
 StateOpt = Annotated[Path, typer.Option(help="where the lab's record is kept")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output (one JSON document on stdout)")]
+
+#: `link replay --json` lists at most this many steps (the first ones); the count and the extremes cover the rest.
+MAX_LISTED_STEPS = 50
+
+
+def link_json(spec: LinkSpec) -> dict[str, Any]:
+    """Both directions in base units (rate_bps None = unlimited), each with its one-line description."""
+    return {d: {**dataclasses.asdict(s), "description": s.describe()}
+            for d, s in (("uplink", spec.uplink), ("downlink", spec.downlink))}
+
+
+def replay_summary(steps: list[tuple[int, LinkSpec]], limit: int = MAX_LISTED_STEPS) -> dict[str, Any]:
+    """The steps a replay applied, bounded: the count, the range of rates and delays, the first ``limit``."""
+    def extremes(values: list[int]) -> dict[str, int] | None:
+        return {"min": min(values), "max": max(values)} if values else None
+
+    ups = [s.uplink for _, s in steps]
+    downs = [s.downlink for _, s in steps]
+    return {
+        "count": len(steps),
+        "uplink_rate_bps": extremes([d.rate_bps for d in ups if d.rate_bps is not None]),
+        "downlink_rate_bps": extremes([d.rate_bps for d in downs if d.rate_bps is not None]),
+        "delay_us": extremes([d.delay_us for d in ups + downs]),
+        "listed": [{"t_ms": t, "uplink_bps": s.uplink.rate_bps, "downlink_bps": s.downlink.rate_bps,
+                    "uplink_delay_us": s.uplink.delay_us, "downlink_delay_us": s.downlink.delay_us}
+                   for t, s in steps[:limit]],
+        "truncated": len(steps) > limit,
+    }
 
 
 def _changed(base: DirectionSpec, rate: str | None, delay: str | None, jitter: str | None,
@@ -52,6 +81,7 @@ def set_link(
     jitter: Annotated[str | None, typer.Option(help="e.g. 1ms")] = None,
     loss: Annotated[str | None, typer.Option(help="e.g. 0.1%")] = None,
     direction: Annotated[str, typer.Option(help="uplink, downlink or both")] = "both",
+    as_json: JsonOpt = False,
     prefix: PrefixOpt = DEFAULT_PREFIX,
     state_dir: StateOpt = DEFAULT_STATE_DIR,
 ) -> None:
@@ -64,13 +94,16 @@ def set_link(
     up = _changed(current.uplink, rate, delay, jitter, loss) if direction in ("uplink", "both") else None
     down = _changed(current.downlink, rate, delay, jitter, loss) if direction in ("downlink", "both") else None
     new = lab.set_link(device, up, down)
+    if as_json:
+        typer.echo(json.dumps({"device": device, "link": link_json(new)}, indent=2))
+        return
     Console().print(f"{device}: uplink {new.uplink.describe()}; downlink {new.downlink.describe()}")
 
 
 @app.command("show")
 @friendly_errors
 def show(
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
     prefix: PrefixOpt = DEFAULT_PREFIX,
     state_dir: StateOpt = DEFAULT_STATE_DIR,
 ) -> None:
@@ -99,6 +132,7 @@ def replay(
     device: Annotated[str, typer.Argument(help="device host, e.g. dev1")],
     trace: Annotated[Path, typer.Argument(help="trace file (profiles/traces/*.csv)")],
     duration: Annotated[float, typer.Option(min=0.1, help="seconds to replay (the trace loops)")] = 30.0,
+    as_json: JsonOpt = False,
     prefix: PrefixOpt = DEFAULT_PREFIX,
     state_dir: StateOpt = DEFAULT_STATE_DIR,
 ) -> None:
@@ -109,7 +143,7 @@ def replay(
     state = lab.require_state()
     base = lab.link_of(state, state.topology.host(device))
     loaded = load_trace(trace)
-    console = Console()
+    console = Console(stderr=as_json)  # with --json the steps still show, on stderr
     stop = threading.Event()
 
     def apply(spec: LinkSpec) -> None:
@@ -118,9 +152,13 @@ def replay(
                       f"down {spec.downlink.describe()}", highlight=False)
 
     try:
-        TraceReplayer(loaded, base, apply).run(duration_s=duration, stop=stop)
+        steps = TraceReplayer(loaded, base, apply).run(duration_s=duration, stop=stop)
     finally:
-        lab.set_link(device, base.uplink, base.downlink)
+        restored = lab.set_link(device, base.uplink, base.downlink)
+    if as_json:
+        typer.echo(json.dumps({"device": device, "trace": loaded.name, "trace_file": str(trace),
+                               "duration_s": duration, "steps": replay_summary(steps),
+                               "restored": link_json(restored)}, indent=2))
 
 
 @app.command("import-mahimahi")
@@ -133,6 +171,7 @@ def import_mahimahi(
     = "16.5ms",
     window_ms: Annotated[int, typer.Option(min=1, help="averaging window")] = 1000,
     name: Annotated[str | None, typer.Option(help="trace name (default: the output file's stem)")] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Turn Mahimahi delivery-opportunity traces into a (time, uplink, downlink, delay) trace for `link replay`."""
     from testbed.net.traces import from_mahimahi, mean_rates_bps, save_trace
@@ -145,5 +184,16 @@ def import_mahimahi(
                           name=name or out.stem)
     save_trace(trace, out)
     up, down = mean_rates_bps(trace)
+    if as_json:
+        typer.echo(json.dumps({
+            "out": str(out), "name": trace.name, "steps": len(trace.points), "period_ms": trace.period_ms,
+            "window_ms": window_ms, "delay_us": delay_us, "mean_uplink_bps": round(up),
+            "mean_downlink_bps": round(down),
+            "uplink_bps": {"min": min(p.uplink_bps for p in trace.points),
+                           "max": max(p.uplink_bps for p in trace.points)},
+            "downlink_bps": {"min": min(p.downlink_bps for p in trace.points),
+                             "max": max(p.downlink_bps for p in trace.points)},
+        }, indent=2))
+        return
     Console().print(f"{out}: {len(trace.points)} steps over {trace.period_ms / 1000:.0f} s, "
                     f"mean uplink {up / 1e6:.2f} Mbit/s, downlink {down / 1e6:.2f} Mbit/s")

@@ -20,13 +20,15 @@ from testbed.profiling.store import (
     ProfileError,
     default_link_path,
     default_profile_path,
+    profile_to_dict,
     save_profile,
 )
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, quiet: bool = False) -> Progress:
+    """A transient bar; ``quiet`` (--json) keeps the same calls but draws nothing."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+                    console=console, transient=True, disable=quiet)
 
 
 def _load_model(model: str | None, config: str | None, weights: Path | None, seed: int) -> tuple[Any, str | None]:
@@ -159,9 +161,12 @@ def profile(
     link_out: Annotated[Path | None, typer.Option(help="link measurement path (default profiles/measured/"
                                                        "<host>-link-<endpoint>.yaml)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the random weights")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print what was measured and the files written as one "
+                                                         "JSON document on stdout, no progress bar")] = False,
 ) -> None:
     """Measure per-block forward (and backward) times and activation sizes; optionally the link to an edge."""
-    console = Console()
+    console = Console(stderr=as_json)
+    report: dict[str, Any] = {}
     if not blocks and edge is None:
         raise ProfileError("nothing to do: --no-blocks without --edge")
     sizes = [parse_bytes(s, "--link-size") for s in (link_size or ["64KiB", "1MiB", "4MiB"])]
@@ -170,29 +175,35 @@ def profile(
     speed, source = reference_speed(device_class)
     net, digest = _load_model(model, config, weights, seed)
     if blocks:
-        with _progress(console) as bar:
+        with _progress(console, as_json) as bar:
             task = bar.add_task(f"profiling {net.name} on {runtime}", total=None)
             prof = profile_blocks(
                 net, batch_size or [1], runtime=runtime, training=training, repeats=repeats, warmup=warmup,
                 threads=threads, device=device, method=method, weights_hash=digest, speed_vs_pi4=speed,
                 speed_source=source, progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
-        render_blocks(prof, console)
-        calls = [f"b={b.batch_size}: {_cell(b.call)}" for b in prof.batches if b.call is not None]
-        if calls:
-            console.print(f"per-call cost of a session after an idle wait (charged to the tail), ms: "
-                          f"{', '.join(calls)}")
+        if not as_json:
+            render_blocks(prof, console)
+            calls = [f"b={b.batch_size}: {_cell(b.call)}" for b in prof.batches if b.call is not None]
+            if calls:
+                console.print(f"per-call cost of a session after an idle wait (charged to the tail), ms: "
+                              f"{', '.join(calls)}")
         path = save_profile(prof, out or default_profile_path(prof))
+        report["block_profile"] = {"path": str(path), **profile_to_dict(prof)}
         console.print(f"block profile written to {path}")
     if edge is not None:
         from testbed.profiling.links import empty_body_echo, measure_link
 
         echo = empty_body_echo(net, digest) if digest is not None else None
-        with _progress(console) as bar:
+        with _progress(console, as_json) as bar:
             task = bar.add_task(f"measuring the link to {edge}", total=None)
             link = measure_link(edge, sizes=sizes, count=link_count, timeout_s=link_timeout, budget_s=link_budget,
                                 echo=echo,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
-        render_link(link, console)
+        if not as_json:
+            render_link(link, console)
         path = save_profile(link, link_out or default_link_path(link))
+        report["link"] = {"path": str(path), **profile_to_dict(link)}
         console.print(f"link measurement written to {path}")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))

@@ -253,9 +253,11 @@ def wheelhouse(
                                                       "Pi from an x86 controller (default: this machine)")] = None,
     python_version: Annotated[str | None, typer.Option(help="target Python, e.g. 3.11 (default: this one)")] = None,
     repo: Annotated[Path, typer.Option(help="the project's source tree")] = Path("."),
+    as_json: JsonOpt = False,
 ) -> None:
     """Build the wheelhouse the Ansible agent/edge roles install from (hosts need no internet)."""
     from testbed.remote.wheelhouse import build_wheelhouse
 
     wheels = build_wheelhouse(repo.resolve(), out, extra, platform, python_version)
-    typer.echo(f"{len(wheels)} wheels in {out}")
+    _emit({"directory": str(out.resolve()), "extra": extra, "platform": platform, "python_version": python_version,
+           "wheels": [w.name for w in wheels]}, as_json, f"{len(wheels)} wheels in {out}")
