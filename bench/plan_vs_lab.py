@@ -103,6 +103,9 @@ def _link_summary(path: Path) -> dict[str, Any]:
     return {"rtt_ms": round(link.rtt.median * 1e3, 3), "uplink_mbps": round(link.uplink_bps / 1e6, 1),
             "downlink_mbps": None if link.downlink_bps is None else round(link.downlink_bps / 1e6, 1),
             "edge_request_ms": None if link.edge_request_s is None else round(link.edge_request_s * 1e3, 3),
+            # The same cost as the difference of the two round trips (the measurement before the edge's clock).
+            "edge_request_rtt_diff_ms": None if link.request_rtt is None or link.request_echo_rtt is None else
+            round((link.request_rtt.median - link.request_echo_rtt.median) * 1e3, 3),
             "notes": link.notes}
 
 

@@ -66,12 +66,19 @@ def build_switch(topo: Topology) -> None:
     write_sysctl(ns, "net.ipv4.conf.br0.proxy_arp", "1")
 
 
-def attach_by_veth(topo: Topology, host: LabHost) -> None:
-    """eth0 in the host's namespace, its peer on the bridge; address and default route via the switch."""
+def attach_by_veth(topo: Topology, host: LabHost, mtu: int = 1500) -> None:
+    """eth0 in the host's namespace, its peer on the bridge; address and default route via the switch.
+
+    ``mtu`` is both ends' (the bridge follows its ports): the edge's veth gets the delay lines' TUN MTU, so its
+    TCP segments to a device are as large as the device's link carries (docs/delayline.md).
+    """
+    if not 576 <= mtu <= 65535:
+        raise LabError(f"veth MTU {mtu} out of range [576, 65535]")
     port = topo.switch_port(host)
     try:
         with IPRoute(netns=host.netns, flags=0) as ip:
-            ip.link("add", ifname="eth0", kind="veth", peer={"ifname": port, "net_ns_fd": topo.switch_ns})
+            ip.link("add", ifname="eth0", kind="veth", mtu=mtu,
+                    peer={"ifname": port, "net_ns_fd": topo.switch_ns, "mtu": mtu})
             eth0 = _index(ip, "eth0", host.netns)
             ip.addr("add", index=eth0, address=host.address, prefixlen=topo.prefixlen)
             ip.link("set", index=eth0, state="up")

@@ -16,7 +16,7 @@ from typing import Any
 from testbed.lab import hosts, sshd
 from testbed.lab.calibrate import load_correction
 from testbed.lab.cgroups import CpuGroup, find_cpu_cgroup_root, quota_for
-from testbed.lab.delaylines import DelayLineControl, start_delay_line
+from testbed.lab.delaylines import DelayLineControl, start_delay_line, tun_mtu
 from testbed.lab.devices import host_speed_vs_pi4, load_device_class, slowdown
 from testbed.lab.state import LabState, ProcessRecord, StateStore
 from testbed.lab.topology import Backend, LabError, LabHost, build_topology
@@ -99,7 +99,10 @@ class Lab:
             hosts.write_sysctl(host.netns, "net.ipv4.tcp_slow_start_after_idle", "0")
             pin_congestion_control(host.netns)
         hosts.build_switch(topo)
-        hosts.attach_by_veth(topo, topo.edge)
+        # The edge's veth carries the delay lines' TUN MTU: with 1500 there, TCP would cut every reply to a
+        # mmWave device into 1.5 KB segments, each paying the Python delay line's per-packet cost (~+1 ms per
+        # 300 KB). Each connection's MSS still follows the smaller end (an LTE TUN stays at 1500).
+        hosts.attach_by_veth(topo, topo.edge, mtu=1500 if topo.backend == "netem" else tun_mtu(link))
         for dev in topo.devices:
             if topo.backend == "netem":
                 hosts.attach_by_veth(topo, dev)

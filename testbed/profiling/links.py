@@ -15,11 +15,13 @@ What is timed, from a DEALER socket on the device side (the edge's ROUTER answer
     (:func:`empty_body_echo`), and sizes are rounded to whole samples of that activation.
 
 * **edge request handling**, when the edge echoes PINGs *and* ``echo`` is given: each round also one empty-body
-  INFER_REQUEST of one sample of the echo split point and one PING echo of exactly those bytes, both timed whole
-  (nothing subtracted). The excess of the request's median over the echo's is what the edge adds to any request
-  beyond moving bytes — admission, the hand-off from the I/O thread to the compute thread, the copy of the
-  activations, the wake-up of the I/O thread, the reply — the latency model's ``edge_request_s`` (clamped at 0).
-  One small size: the difference of two round trips is the more exact the less transfer time they carry.
+  INFER_REQUEST of one sample of the echo split point and one PING echo of exactly those bytes. What the edge adds
+  to any request beyond moving bytes — admission, the hand-off from the I/O thread to the compute thread, the copy
+  of the activations, the wake-up of the I/O thread — is the excess of the request's median time inside the edge
+  (``edge_send_ns - edge_recv_ns``, the edge's own clock) over the PING echo's: the latency model's
+  ``edge_request_s`` (clamped at 0). Taken on the edge's clock, no link transfer is in it (a difference of two
+  round trips carries the link's noise: ±3 ms on LTE). Both round trips are kept too; an edge whose replies carry
+  no timestamps falls back on their difference.
 
 Rates are the inverse slopes of least-squares lines through the per-size medians (the empty PING as size 0):
 per-message costs (header, syscalls, wake-ups) land in the intercept, and the rate is what an extra byte costs —
@@ -153,6 +155,14 @@ def _edge_residence_s(msg: Any) -> float:
     return 0.0
 
 
+def _edge_stamps_s(msg: Any) -> float | None:
+    """``edge_send_ns - edge_recv_ns`` of a reply (both on the edge's clock), None when it lacks either."""
+    times = msg.envelope.times_ns
+    if "edge_send_ns" in times and "edge_recv_ns" in times:
+        return max(0, times["edge_send_ns"] - times["edge_recv_ns"]) * 1e-9
+    return None
+
+
 def _check_sizes(sizes: Sequence[int], limits: WireLimits) -> list[int]:
     if not sizes or not all(isinstance(s, int | np.integer) and not isinstance(s, bool) and s >= 1 for s in sizes):
         raise ProfileError(f"link sizes must be a non-empty list of byte counts >= 1, got {list(sizes)!r}")
@@ -234,12 +244,16 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
             raise ProfileError(f"the edge at {endpoint} did not send the {nbytes} bytes back (empty-body echo)")
         return seconds, msg
 
-    def do_ping_echo(nbytes: int) -> float:
+    def do_ping_echo_msg(nbytes: int) -> tuple[float, Any]:
         seconds, msg = peer.exchange(Kind.PING, {"echo": _payload(nbytes)})
         got = msg.tensors.get("echo")
         if got is None or got.nbytes != nbytes:
             raise ProfileError(f"the edge at {endpoint} did not send the {nbytes} bytes back (ping-echo)")
-        return seconds  # a PONG carries no edge_send_ns: nothing to subtract
+        return seconds, msg
+
+    def do_ping_echo(nbytes: int) -> float:
+        # The whole round trip: a PONG's edge residence is the I/O thread's few microseconds, nothing to subtract.
+        return do_ping_echo_msg(nbytes)[0]
 
     def do_echo(nbytes: int) -> float:
         if method == "ping-echo":
@@ -256,6 +270,9 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
     up: list[list[float]] = [[] for _ in sizes]
     back: list[list[float]] | None = [[] for _ in sizes] if method != "none" else None
     pair: tuple[list[float], list[float]] | None = ([], []) if request_bytes is not None else None
+    # The same two exchanges as seen by the edge's own clock (edge_send_ns - edge_recv_ns): no link in them.
+    resident: tuple[list[float], list[float]] = ([], [])
+    residence_complete = True
     total = warmup + count
     done_rounds = 0
     stopped_early = False
@@ -276,11 +293,17 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
                 if timed:
                     back[k].append(seconds)
         if pair is not None and request_bytes is not None:
-            seconds, _ = do_request(request_bytes)
-            plain = do_ping_echo(request_bytes)
+            seconds, req_msg = do_request(request_bytes)
+            plain, echo_msg = do_ping_echo_msg(request_bytes)
             if timed:
                 pair[0].append(seconds)
                 pair[1].append(plain)
+                stamps = _edge_stamps_s(req_msg), _edge_stamps_s(echo_msg)
+                if stamps[0] is None or stamps[1] is None:
+                    residence_complete = False
+                else:
+                    resident[0].append(stamps[0])
+                    resident[1].append(stamps[1])
         done_rounds += timed
         if progress is not None:
             progress(r + 1, total)
@@ -309,11 +332,17 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
             notes.append("downlink not resolved: an echo cost no more than the uplink alone (noise)")
     else:
         notes.append("downlink not measured: the edge does not echo payloads (see docs/profiling.md)")
-    request_stats = request_echo_stats = None
+    request_stats = request_echo_stats = request_residence = request_echo_residence = None
     edge_request_s = None
     if pair is not None:
         request_stats, request_echo_stats = Stat.of(pair[0]), Stat.of(pair[1])
-        edge_request_s = max(0.0, request_stats.median - request_echo_stats.median)
+        if residence_complete and resident[0]:
+            # The edge's clock: what the edge adds, free of the link's transfer noise (docs/profiling.md).
+            request_residence, request_echo_residence = Stat.of(resident[0]), Stat.of(resident[1])
+            edge_request_s = max(0.0, request_residence.median - request_echo_residence.median)
+        else:  # an edge that does not stamp its replies: the difference of the two round trips
+            edge_request_s = max(0.0, request_stats.median - request_echo_stats.median)
+            notes.append("edge request handling from round trips (the edge's replies carry no timestamps)")
     elif echo is None:
         notes.append("edge request handling not measured: it needs the edge's weights (--weights)")
     else:
@@ -334,4 +363,6 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
         request_rtt=request_stats,
         request_echo_rtt=request_echo_stats,
         edge_request_s=edge_request_s,
+        request_residence=request_residence,
+        request_echo_residence=request_echo_residence,
     )

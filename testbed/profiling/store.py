@@ -10,7 +10,8 @@ Two kinds of file live under ``profiles/measured/``:
   over the real ZeroMQ protocol, and the edge's fixed per-request handling cost seen over that path.
 
 Fields added after the first files were written (``call_ms`` of a batch; ``request_bytes``, ``request_rtt_ms``,
-``request_echo_rtt_ms`` and ``edge_request_ms`` of a link) are optional: files without them load, with the costs
+``request_echo_rtt_ms``, ``edge_request_ms``, ``request_residence_ms`` and ``request_echo_residence_ms`` of a
+link) are optional: files without them load, with the costs
 unmeasured (0 in the model).
 
 Times are milliseconds in the files (``*_ms`` keys, rounded to the nanosecond) and seconds in memory. Every file
@@ -305,7 +306,10 @@ class LinkMeasurement:
     trip of an INFER_REQUEST for an empty body carrying ``request_bytes`` each way, edge time included, and
     ``request_echo_rtt`` that of a PING echo of the same bytes; ``edge_request_s`` is the excess of the first
     median over the second (clamped at 0): the edge's fixed handling of one request (hand-off to the compute
-    thread, copy, wake-up, reply). None: not measured.
+    thread, copy, wake-up, reply). None: not measured. ``request_residence`` and ``request_echo_residence``
+    (optional; files before them lack them) are the times the same two messages spent inside the edge
+    (``edge_send_ns - edge_recv_ns``, the edge's clock); when present, ``edge_request_s`` is the excess of their
+    medians instead, which carries no link noise.
     """
 
     endpoint: str
@@ -323,6 +327,8 @@ class LinkMeasurement:
     request_rtt: Stat | None = None
     request_echo_rtt: Stat | None = None
     edge_request_s: float | None = None
+    request_residence: Stat | None = None
+    request_echo_residence: Stat | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
@@ -338,6 +344,10 @@ class LinkMeasurement:
         if (self.request_rtt is None) != (self.request_echo_rtt is None) or (
                 (self.request_rtt is None) != (self.request_bytes is None)):
             raise ProfileError("link measurement: request_bytes, request_rtt and request_echo_rtt go together")
+        if (self.request_residence is None) != (self.request_echo_residence is None) or (
+                self.request_residence is not None and self.request_rtt is None):
+            raise ProfileError("link measurement: request_residence and request_echo_residence go together, "
+                               "and with request_rtt")
         if self.request_bytes is not None:
             if not (_is_int(self.request_bytes) and self.request_bytes >= 1):
                 raise ProfileError(f"link measurement: request_bytes = {self.request_bytes!r} must be an "
@@ -556,6 +566,9 @@ def profile_to_dict(profile: BlockProfile | LinkMeasurement) -> dict[str, Any]:
             "request_rtt_ms": None if profile.request_rtt is None else _stat_to(profile.request_rtt),
             "request_echo_rtt_ms": None if profile.request_echo_rtt is None else _stat_to(profile.request_echo_rtt),
             "edge_request_ms": None if profile.edge_request_s is None else _ms(profile.edge_request_s),
+            **({} if profile.request_residence is None or profile.request_echo_residence is None else {
+                "request_residence_ms": _stat_to(profile.request_residence),
+                "request_echo_residence_ms": _stat_to(profile.request_echo_residence)}),
             "notes": profile.notes,
         }
     if not isinstance(profile, BlockProfile):
@@ -592,7 +605,7 @@ _BLOCK_KEYS = ("format", "kind", "created", "model", "measurement", "reference",
                "act_bytes_per_sample", "param_bytes", "batches")
 _LINK_KEYS = ("format", "kind", "created", "endpoint", "host", "rtt_ms", "delay_ms", "uplink_bps", "downlink_bps",
               "downlink_method", "sizes_bytes", "uplink_rtt_ms", "echo_rtt_ms", "request_bytes", "request_rtt_ms",
-              "request_echo_rtt_ms", "edge_request_ms", "notes")
+              "request_echo_rtt_ms", "edge_request_ms", "request_residence_ms", "request_echo_residence_ms", "notes")
 
 
 def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
@@ -607,6 +620,7 @@ def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
     request_echo = d.get("request_echo_rtt_ms")
     request_bytes = d.get("request_bytes")
     edge_request = d.get("edge_request_ms")
+    residence, echo_residence = d.get("request_residence_ms"), d.get("request_echo_residence_ms")
     try:
         link = LinkMeasurement(
             endpoint=r.str_(d["endpoint"], "endpoint"),
@@ -624,6 +638,9 @@ def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
             request_rtt=None if request is None else r.stat(request, "request_rtt_ms"),
             request_echo_rtt=None if request_echo is None else r.stat(request_echo, "request_echo_rtt_ms"),
             edge_request_s=None if edge_request is None else r.num(edge_request, "edge_request_ms") / 1e3,
+            request_residence=None if residence is None else r.stat(residence, "request_residence_ms"),
+            request_echo_residence=None if echo_residence is None else r.stat(echo_residence,
+                                                                              "request_echo_residence_ms"),
         )
     except ProfileError as exc:
         if str(exc).startswith(r.where):

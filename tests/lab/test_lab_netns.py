@@ -44,7 +44,8 @@ if mode == "serve":
         data = conn.recv(1 << 16)
         if not data: break
         now = time.perf_counter(); first = first or now; last = now; got += len(data)
-    conn.sendall(struct.pack("!d16s", got * 8 / (last - first) / 1e6, cc)); conn.close(); sys.exit(0)
+    mss = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    conn.sendall(struct.pack("!d16si", got * 8 / (last - first) / 1e6, cc, mss)); conn.close(); sys.exit(0)
 s = socket.create_connection((host, 7777), timeout=10)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 rtts = []
@@ -55,13 +56,14 @@ while time.perf_counter() - t < 1.5:
     s.sendall(payload)
 s.shutdown(socket.SHUT_WR)
 reply = b""
-while len(reply) < 24:
-    chunk = s.recv(24 - len(reply))
+while len(reply) < 28:
+    chunk = s.recv(28 - len(reply))
     if not chunk: break
     reply += chunk
-rate, edge_cc = struct.unpack("!d16s", reply)
+rate, edge_cc, edge_mss = struct.unpack("!d16si", reply)
 cc = [c.split(b"\0")[0].decode() for c in (s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16), edge_cc)]
-print(json.dumps({"rtt_ms": sorted(rtts)[len(rtts) // 2], "mbit_s": rate, "congestion_control": cc}))
+print(json.dumps({"rtt_ms": sorted(rtts)[len(rtts) // 2], "mbit_s": rate, "congestion_control": cc,
+                  "edge_mss": edge_mss}))
 """
 
 
@@ -107,6 +109,10 @@ def test_delay_line_lab_shapes_rate_and_delay(lab: Lab) -> None:
     # paces request/response replies far below the link rate).
     device_cc, edge_cc = measured["congestion_control"]
     assert device_cc == edge_cc and device_cc in CONGESTION_CONTROLS, measured
+    # The edge's veth has the delay line's TUN MTU (3125 B for 50 Mbit/s), so the edge's segments to the device
+    # are as large as the link carries, not 1460 B (a 1500-byte veth).
+    mtu = next(p.mtu for p in state.processes if p.name == "delayline-dev1")
+    assert mtu > 1500 and 1460 < measured["edge_mss"] <= mtu - 40, (mtu, measured)
     with pytest.raises(LabError, match="no TCP congestion control out of tb-no-such-cc"):
         pin_congestion_control(f"{PREFIX}-edge", ("tb-no-such-cc",))
     status = lab.status()

@@ -63,7 +63,16 @@ def test_edge_request_handling_against_the_edge(edge_server, cnn_weights) -> Non
     assert link.request_bytes == echo.sample_bytes
     assert link.request_rtt is not None and link.request_echo_rtt is not None
     assert link.request_rtt.n == link.request_echo_rtt.n == 6
-    assert link.edge_request_s == pytest.approx(max(0.0, link.request_rtt.median - link.request_echo_rtt.median))
+    # Taken on the edge's own clock (the edge stamps both replies): the time inside the edge, no link in it.
+    assert link.request_residence is not None and link.request_echo_residence is not None
+    assert link.request_residence.n == link.request_echo_residence.n == 6
+    assert link.edge_request_s == pytest.approx(
+        max(0.0, link.request_residence.median - link.request_echo_residence.median))
+    # The request waits for the compute thread and the PONG does not: its residence is the longer, and both are
+    # within the whole round trips that contain them.
+    assert link.request_residence.median > link.request_echo_residence.median
+    assert link.request_residence.median < link.request_rtt.median
+    assert link.request_echo_residence.median < link.request_echo_rtt.median
     # Without the weights, no request can be sent: not measured, and the note says why.
     plain = measure_link(edge_server.endpoint, sizes=SIZES[:2], count=3, warmup=0, host=HOST)
     assert plain.edge_request_s is None and plain.request_rtt is None and "--weights" in plain.notes

@@ -136,6 +136,14 @@ def test_fixed_costs_round_trip_and_older_files_load(tmp_path: Path) -> None:
     back_link = load_link_measurement(save_profile(link, tmp_path / "l.yaml"))
     assert back_link.edge_request_s == pytest.approx(0.0009) and back_link.request_bytes == 4096
     assert_stats_close((back_link.request_rtt, back_link.request_echo_rtt), (link.request_rtt, link.request_echo_rtt))
+    assert back_link.request_residence is None and "request_residence_ms" not in profile_to_dict(link)
+    # The edge-clock residences round-trip too, and an edge_request file without them (older) still loads.
+    stamped = dataclasses.replace(link, request_residence=stat(0.95, 20), request_echo_residence=stat(0.05, 20))
+    back_stamped = load_link_measurement(save_profile(stamped, tmp_path / "s.yaml"))
+    assert_stats_close((back_stamped.request_residence, back_stamped.request_echo_residence),
+                       (stamped.request_residence, stamped.request_echo_residence))
+    with pytest.raises(ProfileError, match="request_residence"):
+        dataclasses.replace(stamped, request_echo_residence=None)
     old_link = profile_to_dict(make_link())
     for key in ("request_bytes", "request_rtt_ms", "request_echo_rtt_ms", "edge_request_ms"):
         del old_link[key]
