@@ -31,7 +31,7 @@ def write_spec(path: Path, **doc: Any) -> Path:
     return path
 
 
-def testbed(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "testbed.cli.main", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout_s)
 
@@ -56,7 +56,7 @@ def test_a_loopback_run_writes_its_results_and_leaves_nothing_behind(cnn_weights
                       devices=[{"id": "dev1", "data": "shard"}, {"id": "dev2", "data": "synthetic", "split": [3, 7]}],
                       planner={**PROFILES, "evaluate_every": "500ms"},
                       workload={"batch_size": 8, "requests": 40, "rate": 40}, output=str(out))
-    proc = testbed("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"))
+    proc = run_cli("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["failed"] == 0 and summary["requests"] == 80
@@ -85,7 +85,7 @@ def test_a_run_with_profile_links_plans_on_the_links_its_agents_measured(cnn_wei
                       edge={"device": "cpu"}, devices=[{"id": "dev1", "data": "synthetic"}],
                       planner={**PROFILES, "profile_links": True, "probe_interval": "0s", "resplit": False},
                       workload={"batch_size": 8, "requests": 10, "rate": 40}, output=str(out))
-    proc = testbed("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"))
+    proc = run_cli("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["failed"] == 0
     link = load_link_measurement(out / "profiles" / "dev1-link.yaml")
@@ -215,7 +215,7 @@ def test_sigterm_stops_the_run_and_every_process(cnn_weights, tmp_path: Path) ->
 def test_a_bad_key_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "bad.yaml", devices=[{"id": "dev1"}], workload={"requests": 5},
                       worklaod={"requests": 5})
-    proc = testbed("run", str(spec), "--output", str(tmp_path / "out"), timeout_s=120)
+    proc = run_cli("run", str(spec), "--output", str(tmp_path / "out"), timeout_s=120)
     assert proc.returncode == 2
     assert "worklaod: unknown key (did you mean 'workload'?)" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -227,13 +227,13 @@ def test_an_inventory_that_cannot_carry_the_run_is_refused_in_one_line(tmp_path:
     inventory.write_text("all: {hosts: {}}\n")
     spec = write_spec(tmp_path / "inv.yaml", devices=[{"id": "dev1"}], workload={"requests": 5, "batch_size": 8},
                       placement={"kind": "inventory", "inventory": str(inventory)}, planner=PROFILES)
-    proc = testbed("run", str(spec), "--output", str(tmp_path / "out"), timeout_s=120)
+    proc = run_cli("run", str(spec), "--output", str(tmp_path / "out"), timeout_s=120)
     assert proc.returncode == 2 and f"{inventory}: no hosts" in proc.stderr and "Traceback" not in proc.stderr
     # Fewer device hosts than the run has devices: said before anything starts (--inventory overrides placement).
     inventory.write_text("all: {children: {devices: {hosts: {pi-1: {}}}, edge: {hosts: {gpu: {}}}}}\n")
     two = write_spec(tmp_path / "two.yaml", devices=[{"id": "dev1"}, {"id": "dev2"}], planner=PROFILES,
                      workload={"requests": 5, "batch_size": 8})
-    proc = testbed("run", str(two), "--inventory", str(inventory), "--output", str(tmp_path / "out"), timeout_s=120)
+    proc = run_cli("run", str(two), "--inventory", str(inventory), "--output", str(tmp_path / "out"), timeout_s=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "the run has 2 device(s), the inventory" in proc.stderr and "1 device host(s) (pi-1)" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -257,7 +257,7 @@ def test_in_the_lab_the_split_moves_away_on_lte_and_back_on_6g_without_failures(
                       workload={"batch_size": 8, "duration": "32s", "rate": 20},
                       link_changes=[{"at": "8s", "device": "dev1", "link": "lte"},
                                     {"at": "18s", "device": "dev1", "link": "6g-vision"}], output=str(out))
-    proc = testbed("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"), "--lab-state-dir",
+    proc = run_cli("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"), "--lab-state-dir",
                    str(state), "--probe-interval-s", "0.25")
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr

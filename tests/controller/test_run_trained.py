@@ -12,8 +12,7 @@ import torch
 from testbed.training.experiment import parse_experiment
 from testbed.training.schemes import run_experiment as train
 
-from .test_run import PROFILES, write_spec
-from .test_run import testbed as run_cli  # (aliased: pytest would collect a name starting with "test")
+from .test_run import PROFILES, run_cli, write_spec
 
 
 @pytest.mark.slow
