@@ -32,7 +32,7 @@ import zmq
 from prometheus_client import CollectorRegistry
 
 from testbed.errors import TestbedError
-from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, stop_event_on_signals
 from testbed.metrics.common import register_build_info, register_process_metrics
 from testbed.metrics.device import DeviceMetrics
 from testbed.metrics.exporter import Exporter, start_exporter
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.parent_pid:
         die_with_parent(expected_parent=args.parent_pid)
-    stop = stop_event_on_signals()
+    stop = stop_event_on_signals(exit_after_s=AGENT_EXIT_GRACE_S)
     ctx = zmq.Context()
     sock: zmq.Socket | None = None
     exporter: Exporter | None = None

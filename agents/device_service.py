@@ -50,7 +50,7 @@ from testbed.controller.protocol import (
     split_of,
 )
 from testbed.errors import TestbedError
-from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, stop_event_on_signals
 from testbed.metrics.device import DeviceMetrics
 from testbed.onnx_runtime import cpu_session
 from testbed.profiling.hostfacts import host_facts
@@ -347,7 +347,7 @@ def add_serve_args(sub: Any) -> None:
 def serve(args: argparse.Namespace) -> int:
     if args.parent_pid:
         die_with_parent(expected_parent=args.parent_pid)
-    stop = stop_event_on_signals()
+    stop = stop_event_on_signals(exit_after_s=AGENT_EXIT_GRACE_S)
     name = args.device_id
     try:
         if not 1 <= args.threads <= 256:

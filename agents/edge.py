@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from agents.edge_control import add_control_args, start_control
 from agents.scheduler import FairScheduler, SharesError, parse_shares
 from testbed.errors import PartitionError, TestbedError
-from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, stop_event_on_signals
 from testbed.metrics.common import register_build_info, register_process_metrics
 from testbed.metrics.edge import EdgeMetrics
 from testbed.metrics.exporter import Exporter, start_exporter
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parent_pid:
         die_with_parent(expected_parent=args.parent_pid)
-    stop = stop_event_on_signals()
+    stop = stop_event_on_signals(exit_after_s=AGENT_EXIT_GRACE_S)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:

@@ -31,7 +31,7 @@ import zmq
 from torch import nn
 
 from testbed.errors import TestbedError
-from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
 from testbed.training.errors import ProtocolError
 from testbed.training.experiment import ExperimentSpec, batch_bounds, batch_order
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parent_pid:
         die_with_parent(expected_parent=args.parent_pid)
-    stop = stop_event_on_signals()
+    stop = stop_event_on_signals(exit_after_s=AGENT_EXIT_GRACE_S)
     ctx = zmq.Context()
     ctrl: zmq.Socket | None = None
     trainer: DeviceTrainer | None = None

@@ -38,7 +38,7 @@ import zmq
 from agents.train_device import Interrupted, control_socket, send_error
 from agents.train_recorder import Recorder
 from testbed.errors import TestbedError
-from testbed.lifecycle import die_with_parent, stop_event_on_signals
+from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, stop_event_on_signals
 from testbed.partition import activation_shapes
 from testbed.training.errors import ProtocolError
 from testbed.training.experiment import ExperimentSpec
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.parent_pid:
         die_with_parent(expected_parent=args.parent_pid)
-    stop = stop_event_on_signals()
+    stop = stop_event_on_signals(exit_after_s=AGENT_EXIT_GRACE_S)
     recorder = Recorder(args.record) if args.record else None
     if recorder is not None:
         sys.addaudithook(recorder.audit)

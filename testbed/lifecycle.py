@@ -16,6 +16,10 @@ from types import FrameType
 _PR_SET_PDEATHSIG = 1
 
 
+#: How long a stopped agent may take to clean up before it exits regardless (see stop_event_on_signals).
+AGENT_EXIT_GRACE_S = 20.0
+
+
 def die_with_parent(expected_parent: int | None = None, sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `sig` to this process when its parent dies (Linux only).
 
@@ -30,11 +34,21 @@ def die_with_parent(expected_parent: int | None = None, sig: int = signal.SIGTER
         os.kill(os.getpid(), sig)
 
 
-def stop_event_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> threading.Event:
-    """Return an event that is set when one of `signals` arrives; the caller's loop checks it."""
+def stop_event_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+                          exit_after_s: float | None = None) -> threading.Event:
+    """Return an event that is set when one of `signals` arrives; the caller's loop checks it.
+
+    ``exit_after_s``: if the process is still alive that long after the signal (a clean-up that hangs, e.g. a
+    ZeroMQ context waiting for a socket nobody closes), it exits at once with 128 + the signal number, so a
+    stopped agent never outlives the run that started it.
+    """
     stop = threading.Event()
 
     def _handler(signum: int, frame: FrameType | None) -> None:
+        if exit_after_s is not None and not stop.is_set():
+            timer = threading.Timer(exit_after_s, os._exit, args=(128 + signum,))
+            timer.daemon = True
+            timer.start()
         stop.set()
 
     for sig in signals:

@@ -1,0 +1,44 @@
+"""A stopped process whose clean-up hangs still exits: stop_event_on_signals(exit_after_s=...)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from .conftest import REPO
+
+HANGS_AFTER_STOP = """
+import sys, threading, time
+from testbed.lifecycle import stop_event_on_signals
+stop = stop_event_on_signals(exit_after_s=float(sys.argv[1]))
+print("ready", flush=True)
+while not stop.is_set():
+    time.sleep(0.01)
+threading.Event().wait()  # a clean-up that never finishes (like a ZeroMQ context waiting for a socket)
+"""
+
+
+def start(grace: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HANGS_AFTER_STOP, grace], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_hung_clean_up_ends_with_the_signal_exit_code_after_the_grace_period() -> None:
+    proc = start("0.3")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+
+
+def test_without_the_grace_period_the_same_process_stays_until_killed() -> None:
+    proc = start("1e9")  # the check can fail: without the timer the hang is real
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    try:
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
