@@ -38,7 +38,7 @@ import zmq
 from agents.train_device import Interrupted, control_socket, send_error
 from agents.train_recorder import Recorder
 from testbed.errors import TestbedError
-from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, stop_event_on_signals
+from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, exit_without_teardown, stop_event_on_signals
 from testbed.partition import activation_shapes
 from testbed.training.errors import ProtocolError
 from testbed.training.experiment import ExperimentSpec
@@ -484,9 +484,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    # Everything is closed and flushed by now; skip the interpreter's teardown of torch (about half a
-    # second per process, which the controller would wait for at every stop).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_without_teardown(main())  # everything is closed by now

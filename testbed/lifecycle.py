@@ -54,3 +54,12 @@ def stop_event_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIG
     for sig in signals:
         signal.signal(sig, _handler)
     return stop
+
+
+def exit_without_teardown(status: int) -> None:
+    """Flush stdout/stderr and exit now, skipping the interpreter's teardown (for a process whose sockets and
+    files are already closed: torch's teardown alone costs about half a second, which a controller stopping many
+    agents would wait for at every stop)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
