@@ -172,13 +172,18 @@ def test_profile_measures_the_agents_link_to_the_real_edge(cluster: Cluster, cnn
     """The torch-free agent (torch blocked in its environment) measures its path to the edge with
     testbed.profiling.links and answers with the measurement in the profile store's form."""
     echo = empty_body_echo(cnn_weights.model, cnn_weights.weights_hash)
-    data = cluster.ctl.profile("dev2", cluster.edge_endpoint, sizes=[4096, 65536], count=4, warmup=1,
+    # The largest payload must take measurably longer than an empty message even on a loaded loopback:
+    # 64 KiB did not once in CI (the agent then refuses, rightly, to report an unresolved rate).
+    data = cluster.ctl.profile("dev2", cluster.edge_endpoint, sizes=[4096, 4 << 20], count=6, warmup=1,
                                budget_s=20.0, echo_partition=echo.partition, echo_shape=list(echo.sample_shape))
     link = profile_from_dict(data, where="dev2's answer")
     assert isinstance(link, LinkMeasurement)
-    assert link.endpoint == cluster.edge_endpoint and link.sizes == (4096, 65536)
-    assert link.downlink_method == "ping-echo" and link.uplink_bps > 0 and link.downlink_bps is not None
-    assert link.rtt.n == 4 and link.rtt.median > 0
+    assert link.endpoint == cluster.edge_endpoint and link.sizes == (4096, 4 << 20)
+    assert link.downlink_method == "ping-echo" and link.uplink_bps > 0
+    # On loopback the downlink costs what the uplink does; under CI load the echo's extra cost can drown in
+    # scheduling noise, and then the measurement says so rather than inventing a rate.
+    assert link.downlink_bps is not None or "downlink not resolved" in link.notes, link.notes
+    assert link.rtt.n == 6 and link.rtt.median > 0
     assert link.request_bytes == echo.sample_bytes and link.edge_request_s is not None  # the empty-body echo
     assert link.host["hostname"] and link.host["accelerator"] is None  # the agent's own facts, torch never probed
 
