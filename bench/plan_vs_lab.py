@@ -13,8 +13,12 @@ device's namespace and CPU quota (`testbed profile --no-blocks --edge ...`): goo
 round trip that includes the per-message software cost of the stack, and the edge's fixed handling of a request
 (empty-body inference echo less PING echo, `--weights`). Both predictions charge the device runtime's per-call
 cost of the tail session (`call` in the onnxruntime profile, measured after an idle wait, scaled by the class).
-The verdict counts the measured-link prediction; the JSON also has the nominal one and the measured-link one
-without the two fixed costs (`predicted_base_ms`, the model before they were added).
+The edge's body is profiled as served (``--edge-idle-ms``, default 20: each run after an idle wait, on a
+thread of its own, with the body's wake-up apart; docs/profiling.md, "Served timings"); the device's blocks back
+to back (its head follows its tail at once; the tail's call after the wait is the profile's ``call``).
+The verdict counts the measured-link prediction; the JSON also has the nominal one, the measured-link one
+without the fixed costs (`predicted_base_ms`: no edge request handling, tail call or body wake-up) and the
+measured-link one from a back-to-back edge profile (`predicted_b2b_edge_ms`, the model before served timings).
 
     sudo .venv/bin/python bench/plan_vs_lab.py --json docs/plan_vs_lab.json --plot docs/plan_vs_lab.png
 """
@@ -25,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,6 +123,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=14)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--link-count", type=int, default=10, help="rounds of link probes per lab")
+    p.add_argument("--edge-idle-ms", type=float, default=20.0,
+                   help="idle wait before every timed body run of the edge's profile (0: back to back)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args()
@@ -126,6 +133,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (the emulated lab)", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the edge and take the lab down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(1)
     host_speed = host_speed_vs_pi4()
     rows: list[dict[str, Any]] = []
@@ -139,16 +148,20 @@ def main() -> int:
             weights = tmp / f"{name}.safetensors"
             weights_hash = save_weights(model, weights)
             print(f"profiling {name} (onnxruntime for the device, torch for the edge), batch {args.batch}", flush=True)
+            # The device's head follows its tail at once (back to back; the tail's call after the wait is the
+            # profile's `call`); the edge's body follows an idle wait for the next request (served timings).
             device_prof = profile_blocks(model, [args.batch], runtime="onnxruntime", repeats=30, warmup=5,
                                          weights_hash=weights_hash)
             edge_prof = profile_blocks(model, [args.batch], runtime="torch", repeats=30, warmup=5,
-                                       weights_hash=weights_hash)
+                                       weights_hash=weights_hash, idle_s=args.edge_idle_ms * 1e-3)
+            edge_b2b = profile_blocks(model, [args.batch], runtime="torch", repeats=30, warmup=5,
+                                      weights_hash=weights_hash)
             x = np.random.default_rng(1).standard_normal((args.batch * args.requests, *model.input_shape),
                                                          dtype=np.float32)
             data = tmp / f"{name}-data.npz"
             np.savez(data, x=x, y=np.zeros(len(x), np.int64))
             prepared[name] = (model, weights, weights_hash, device_prof, edge_prof, data,
-                              sample_splits(model.num_blocks, args.splits, seed=len(name)))
+                              sample_splits(model.num_blocks, args.splits, seed=len(name)), edge_b2b)
         store = StateStore(tmp / "state")
         for link_name in args.links.split(","):
             link = load_link_profile(link_name)
@@ -159,7 +172,7 @@ def main() -> int:
                 lab.up(1, link.name, link.spec, device_class=cls_name)
                 try:
                     measured_link: Path | None = None
-                    for name, (model, weights, weights_hash, dprof, eprof, data, splits) in prepared.items():
+                    for name, (model, weights, weights_hash, dprof, eprof, data, splits, eb2b) in prepared.items():
                         nominal = build_problem(dprof, [link.name], devices=1, device_classes=[cls_name],
                                                 edge_profile=eprof, batch_size=args.batch)
                         ready = tmp / f"edge-{link_name}-{cls_name}-{name}.json"
@@ -177,8 +190,10 @@ def main() -> int:
                                 link_info[(link_name, cls_name)] = _link_summary(measured_link)
                             problem = build_problem(dprof, [measured_link], devices=1, device_classes=[cls_name],
                                                     edge_profile=eprof, batch_size=args.batch)
+                            b2b = build_problem(dprof, [measured_link], devices=1, device_classes=[cls_name],
+                                                edge_profile=eb2b, batch_size=args.batch)
                             base = dataclasses.replace(
-                                problem, model=dataclasses.replace(problem.model, tail_call_s=0.0),
+                                problem, model=dataclasses.replace(problem.model, tail_call_s=0.0, body_call_s=0.0),
                                 devices=tuple(dataclasses.replace(d, edge_request_s=0.0) for d in problem.devices))
                             for a, b in splits:
                                 head, tail = cache.partition(model, weights_hash, a, b)
@@ -189,6 +204,7 @@ def main() -> int:
                                 predicted, stages = device_time(problem, 0, a, b, 1.0)
                                 predicted_nominal, _ = device_time(nominal, 0, a, b, 1.0)
                                 predicted_base, _ = device_time(base, 0, a, b, 1.0)
+                                predicted_b2b, _ = device_time(b2b, 0, a, b, 1.0)
                                 row = {"link": link_name, "device_class": cls_name, "model": name, "a": a, "b": b,
                                        "predicted_ms": round(predicted * 1000, 3), "measured_ms": round(measured, 3),
                                        "error": round(measured / (predicted * 1000) - 1, 4),
@@ -196,6 +212,8 @@ def main() -> int:
                                        "error_nominal": round(measured / (predicted_nominal * 1000) - 1, 4),
                                        "predicted_base_ms": round(predicted_base * 1000, 3),
                                        "error_base": round(measured / (predicted_base * 1000) - 1, 4),
+                                       "predicted_b2b_edge_ms": round(predicted_b2b * 1000, 3),
+                                       "error_b2b_edge": round(measured / (predicted_b2b * 1000) - 1, 4),
                                        "predicted_stages_ms": {k: round(v * 1000, 3) for k, v in stages.items()},
                                        "measured_stages_ms": measured_stages}
                                 rows.append(row)
@@ -203,7 +221,8 @@ def main() -> int:
                                       f"{row['predicted_ms']:9.2f} ms, measured {measured:9.2f} ms, "
                                       f"error {100 * row['error']:+6.1f}% (nominal link "
                                       f"{100 * row['error_nominal']:+6.1f}%, without fixed costs "
-                                      f"{100 * row['error_base']:+6.1f}%)", flush=True)
+                                      f"{100 * row['error_base']:+6.1f}%, back-to-back edge "
+                                      f"{100 * row['error_b2b_edge']:+6.1f}%)", flush=True)
                         finally:
                             edge.terminate()
                             edge.wait(timeout=30)
@@ -219,14 +238,17 @@ def main() -> int:
                 key: {"within_10pct": sum(abs(r[key]) <= 0.10 for r in sel), "pairs": len(sel),
                       "min": min(r[key] for r in sel), "max": max(r[key] for r in sel),
                       "median_abs": round(float(np.median([abs(r[key]) for r in sel])), 4)}
-                for key in ("error", "error_nominal", "error_base")}
+                for key in ("error", "error_nominal", "error_base", "error_b2b_edge")}
     summary = {"pairs": len(rows), "within_10pct": within, "fraction": round(within / max(len(rows), 1), 3),
                "within_10pct_nominal_link": within_nominal,
                "within_10pct_without_fixed_costs": sum(abs(r["error_base"]) <= 0.10 for r in rows),
+               "within_10pct_back_to_back_edge": sum(abs(r["error_b2b_edge"]) <= 0.10 for r in rows),
                "per_link": per_link,
                "measured_links": {f"{k[0]}/{k[1]}": v for k, v in link_info.items()},
                "tail_call_ms": {name: round(prep[3].batch(args.batch).call.median * 1e3, 4)
                                 for name, prep in prepared.items() if prep[3].batch(args.batch).call is not None},
+               "body_call_ms": {name: round(prep[4].batch(args.batch).call.median * 1e3, 4)
+                                for name, prep in prepared.items() if prep[4].batch(args.batch).call is not None},
                "loadavg_start": [round(x, 2) for x in load_start],
                "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                "median_abs_error": round(float(np.median([abs(r["error"]) for r in rows])), 4) if rows else None,

@@ -24,6 +24,9 @@ from testbed.profiling.store import (
     save_profile,
 )
 
+#: ``--idle-ms`` by default: the wait a served call sees (docs/profiling.md, "Served timings").
+IDLE_MS = 0.0
+
 
 def _progress(console: Console, quiet: bool = False) -> Progress:
     """A transient bar; ``quiet`` (--json) keeps the same calls but draws nothing."""
@@ -144,6 +147,9 @@ def profile(
     repeats: Annotated[int, typer.Option(min=1, max=100_000, help="timed repeats per batch size")] = 50,
     warmup: Annotated[int, typer.Option(min=0, max=100_000, help="untimed repeats first")] = 10,
     threads: Annotated[int, typer.Option(min=1, max=1024, help="intra-op threads (torch and onnxruntime)")] = 1,
+    idle_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="idle wait before every timed call, as "
+                                                                     "served work waits for the network (0: back "
+                                                                     "to back; inference only)")] = IDLE_MS,
     device_class: Annotated[str | None, typer.Option(help="the class of this machine when it is a real device "
                                                           "(profiles/devices/NAME.yaml); default: this host's "
                                                           "estimate")] = None,
@@ -181,13 +187,15 @@ def profile(
                 net, batch_size or [1], runtime=runtime, training=training, repeats=repeats, warmup=warmup,
                 threads=threads, device=device, method=method, weights_hash=digest, speed_vs_pi4=speed,
                 speed_source=source, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                idle_s=idle_ms * 1e-3,
             )
         if not as_json:
             render_blocks(prof, console)
             calls = [f"b={b.batch_size}: {_cell(b.call)}" for b in prof.batches if b.call is not None]
             if calls:
-                console.print(f"per-call cost of a session after an idle wait (charged to the tail), ms: "
-                              f"{', '.join(calls)}")
+                what = ("wake-up of a body run after an idle wait (charged once per request)" if runtime == "torch"
+                        else "per-call cost of a session after an idle wait (charged to the tail)")
+                console.print(f"{what}, ms: {', '.join(calls)}")
         path = save_profile(prof, out or default_profile_path(prof))
         report["block_profile"] = {"path": str(path), **profile_to_dict(prof)}
         console.print(f"block profile written to {path}")

@@ -15,6 +15,7 @@ The file format (YAML or JSON; times in seconds ``*_s`` or milliseconds ``*_ms``
       act_bytes: [3136, 25088, 12544, 6272, 40]   # L + 1 entries: input, after each block (last: logits)
       param_bytes: [320, 18496, 73856, 1290]      # optional; zeros if absent
       tail_call_ms: 0.15                  # optional: the device runtime's fixed cost of the tail's own call
+      body_call_ms: 0.4                   # optional: the edge body's wake-up cost per request
     devices:
       - name: pi4
         count: 3                 # optional: pi4-0, pi4-1, pi4-2
@@ -122,7 +123,7 @@ def _int_list(d: dict[str, Any], key: str, where: str, length: int | None) -> tu
     return tuple(raw)
 
 
-_MODEL_KEYS = {"name", "act_bytes", "param_bytes", "tail_call_s", "tail_call_ms"} | {
+_MODEL_KEYS = {"name", "act_bytes", "param_bytes", "tail_call_s", "tail_call_ms", "body_call_s", "body_call_ms"} | {
     f"{b}_{u}" for b in ("fwd", "bwd", "edge_fwd", "edge_bwd") for u in ("s", "ms")}
 _DEVICE_KEYS = {"name", "count", "speed", "uplink", "uplink_bps", "downlink", "downlink_bps", "delay", "delay_s",
                 "rtt", "rtt_s", "memory", "memory_bytes", "memory_mb", "edge_request", "edge_request_s"}
@@ -137,13 +138,15 @@ def _model_from_dict(d: Any) -> ModelProfile:
     where = f"model {name!r}"
     fwd = _number_list(d, "fwd", where, True, None)
     L = len(fwd)
-    key = _one_of(d, ("tail_call_s", "tail_call_ms"), where)
-    tail_call_s = 0.0
-    if key is not None:
-        v = d[key]
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise PlanningError(f"{where}: {key} must be a number, got {v!r}")
-        tail_call_s = float(v) * (1e-3 if key.endswith("_ms") else 1.0)
+    fixed = {}
+    for cost in ("tail_call", "body_call"):
+        key = _one_of(d, (f"{cost}_s", f"{cost}_ms"), where)
+        fixed[cost] = 0.0
+        if key is not None:
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise PlanningError(f"{where}: {key} must be a number, got {v!r}")
+            fixed[cost] = float(v) * (1e-3 if key.endswith("_ms") else 1.0)
     return ModelProfile(
         name=name,
         fwd_s=fwd,
@@ -152,7 +155,8 @@ def _model_from_dict(d: Any) -> ModelProfile:
         edge_bwd_s=_number_list(d, "edge_bwd", where, False, L),
         act_bytes=_int_list(d, "act_bytes", where, None),
         param_bytes=_int_list(d, "param_bytes", where, L),
-        tail_call_s=tail_call_s,
+        tail_call_s=fixed["tail_call"],
+        body_call_s=fixed["body_call"],
     )
 
 
@@ -258,7 +262,8 @@ def problem_to_dict(problem: PlanningProblem) -> dict[str, Any]:
         "min_tail": problem.min_tail,
         "model": {"name": m.name, "fwd_s": list(m.fwd_s), "bwd_s": list(m.bwd_s), "edge_fwd_s": list(m.edge_fwd_s),
                   "edge_bwd_s": list(m.edge_bwd_s), "act_bytes": list(m.act_bytes),
-                  "param_bytes": list(m.param_bytes), "tail_call_s": m.tail_call_s},
+                  "param_bytes": list(m.param_bytes), "tail_call_s": m.tail_call_s,
+                  "body_call_s": m.body_call_s},
         "devices": devices,
     }
 

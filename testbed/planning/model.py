@@ -56,8 +56,8 @@ Mode = Literal["inference", "training"]
 MODES: tuple[str, ...] = ("inference", "training")
 
 #: Stage names, in the order they happen. Inference uses the first seven, training all twelve. ``edge_request``
-#: (the edge's fixed per-request handling) and ``tail_call`` (the device runtime's per-call cost of the tail
-#: session) are measured fixed costs, 0 unless the profiles give them (docs/planner.md).
+#: (the edge's fixed per-request handling and the body's wake-up) and ``tail_call`` (the device runtime's per-call
+#: cost of the tail session) are measured fixed costs, 0 unless the profiles give them (docs/planner.md).
 INFERENCE_STAGES: tuple[str, ...] = ("head_fwd", "uplink_act", "edge_request", "body_fwd", "downlink_act", "tail_call",
                                      "tail_fwd")
 TRAINING_STAGES: tuple[str, ...] = (
@@ -107,6 +107,9 @@ class ModelProfile:
     all zeros for an inference-only profile. ``tail_call_s`` is the device runtime's fixed cost of one more session
     call, paid by the tail (a separate call after the reply; the head's call is inside ``fwd_s`` when the blocks
     are differences of head-prefix times), on the reference device like ``fwd_s``; 0 when not measured.
+    ``body_call_s`` is the edge body's fixed wake-up cost per request (its first block after the edge idled,
+    beyond that block's time inside a chain), on the edge; like the edge's request handling it is latency paid
+    once per request, not divided by the share; 0 when not measured.
     """
 
     name: str
@@ -117,6 +120,7 @@ class ModelProfile:
     act_bytes: tuple[int, ...]
     param_bytes: tuple[int, ...]
     tail_call_s: float = 0.0
+    body_call_s: float = 0.0
 
     def __post_init__(self) -> None:
         owner = f"model {self.name!r}"
@@ -138,8 +142,9 @@ class ModelProfile:
             object.__setattr__(self, name, tuple(int(v) for v in values))
         for name in ("fwd_s", "bwd_s", "edge_fwd_s", "edge_bwd_s"):
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        _fixed_cost("tail_call_s", self.tail_call_s, owner)
-        object.__setattr__(self, "tail_call_s", float(self.tail_call_s))
+        for name in ("tail_call_s", "body_call_s"):
+            _fixed_cost(name, getattr(self, name), owner)
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     @property
     def n_blocks(self) -> int:
@@ -294,7 +299,7 @@ def device_time(problem: PlanningProblem, i: int, a: int, b: int, share: float) 
     st: dict[str, float] = {}
     st["head_fwd"] = math.fsum(m.fwd_s[:a]) / dev.speed
     st["uplink_act"] = m.act_bytes[a] * up + dev.delay_s if edge else 0.0
-    st["edge_request"] = edge_requests(problem, a, b) * dev.edge_request_s
+    st["edge_request"] = edge_requests(problem, a, b) * (dev.edge_request_s + m.body_call_s)
     st["body_fwd"] = body_time(math.fsum(m.edge_fwd_s[a:b]), share) if edge else 0.0
     st["downlink_act"] = m.act_bytes[b] * down + dev.delay_s if edge else 0.0
     st["tail_call"] = m.tail_call_s / dev.speed if b < L else 0.0
@@ -375,7 +380,7 @@ def cost_tensor(problem: PlanningProblem) -> tuple[np.ndarray, np.ndarray, np.nd
     # the edge's request handling once per request (edge_requests: 1, or 2 in training, where b < L always).
     dev_work = dev_work + m.tail_call_s
     requests = 2.0 if problem.mode == "training" else 1.0
-    xfer = xfer + requests * np.array([d.edge_request_s for d in devs])[:, None]
+    xfer = xfer + requests * (np.array([d.edge_request_s for d in devs])[:, None] + m.body_call_s)
     A = k * (dev_work[None, :] / speed + np.where(edge, xfer, 0.0))
     S = np.broadcast_to(k * np.where(a < b, body, 0.0)[None, :], A.shape).copy()
     mem = np.array([np.inf if d.memory_bytes is None else d.memory_bytes for d in devs])[:, None]

@@ -18,6 +18,14 @@
   recording, then the backward of that block alone (``y.backward(grad)``, the gradient coming from the block
   above, parameter gradients included; the optimiser step is not timed).
 
+With ``idle_s > 0`` every timed call is made after that long an idle wait, as served work runs: a device's head
+after waiting for the edge's reply, the edge's body after waiting for the next request. On a shared machine
+caches go cold in such a wait (on the CI VM an idle 20 ms makes a 0.6 ms body take 1.5 ms), so back-to-back
+times underestimate what a request pays. Torch bodies then run on a thread of their own, handed over through a
+queue like the edge's compute thread, and the batch's ``call`` is the body's wake-up: the first block of a run
+after the wait, less its time inside a chain (block 0's time has it taken out), so that a body ``[a, b)`` costs
+its blocks plus one ``call`` whatever ``a`` is. Backward (training) ignores ``idle_s``.
+
 Every repeat runs the whole chain (``block``: block ``i`` receives the real output of block ``i - 1``;
 ``prefix``: every prefix on the same input), in the order a real pass takes them. Each repeat also times the
 whole model in one call, a check on the per-block sum. ``warmup`` untimed repeats come first; the
@@ -32,7 +40,9 @@ import dataclasses
 import gc
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -48,7 +58,7 @@ from testbed.models.weights import state_hash
 from testbed.onnx_runtime import cpu_session
 from testbed.partition import activation_shapes
 from testbed.profiling.hostfacts import host_facts
-from testbed.profiling.store import RUNTIMES, BatchTimings, BlockProfile, ProfileError, Stat, utc_now
+from testbed.profiling.store import MAX_IDLE_S, RUNTIMES, BatchTimings, BlockProfile, ProfileError, Stat, utc_now
 
 __all__ = ["ORT_METHODS", "Progress", "param_bytes", "pick_torch_device", "profile_blocks", "reference_speed",
            "sum_vs_model"]
@@ -240,8 +250,14 @@ def _call_cost(last: Any, x_last: np.ndarray, last_block_s: float, clock: Clock)
     return Stat.of(samples)
 
 
+def _idle(seconds: float) -> None:
+    if seconds > 0:
+        time.sleep(seconds)
+
+
 def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup: int, repeats: int,
-             method: str, clock: Clock, counter: _Counter, workdir: Path) -> list[BatchTimings]:
+             method: str, clock: Clock, counter: _Counter, workdir: Path, idle_s: float = 0.0
+             ) -> list[BatchTimings]:
     paths, full_path, last_path = _export_graphs(model, workdir, method, counter)
     sessions = [_ort_session(p, threads) for p in paths]
     full = _ort_session(full_path, threads)
@@ -257,6 +273,8 @@ def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup
             timed = rep >= warmup
             x = x0
             for i, sess in enumerate(sessions):
+                if timed and (method == "prefix" or i == 0):  # a chain of block sessions is one served call
+                    _idle(idle_s)
                 t0 = clock()
                 y = sess.run(None, {"x": x})[0]
                 t1 = clock()
@@ -264,6 +282,8 @@ def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup
                     (samples.fwd if method == "block" else prefix)[i].append((t1 - t0) * 1e-9)
                 if method == "block":
                     x = y
+            if timed:
+                _idle(idle_s)
             t0 = clock()
             full.run(None, {"x": x0})
             t1 = clock()
@@ -285,6 +305,100 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+class _ServingThread:
+    """Runs calls on a thread of its own, handed over through a queue, as the edge's compute thread runs bodies."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="profile-serving", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._results.put((True, job()))
+            except BaseException as exc:  # handed back to the caller, raised there
+                self._results.put((False, exc))
+
+    def run(self, job: Callable[[], Any]) -> Any:
+        self._jobs.put(job)
+        ok, value = self._results.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def _run_torch_served(model: BlockModel, batch_sizes: Sequence[int], device: torch.device, warmup: int,
+                      repeats: int, clock: Clock, counter: _Counter, idle_s: float) -> list[BatchTimings]:
+    """Torch inference as the edge serves it: each timed run after ``idle_s``, on a serving thread; the wake-up
+    of a run (``call``) measured apart from the blocks (see the module docstring)."""
+    model.eval()
+    sync = _sync_for(device)
+    gen = torch.Generator().manual_seed(0)
+    L = model.num_blocks
+    worker = _ServingThread()
+
+    def chain(x0: Tensor, start: int, stop: int) -> tuple[list[float], list[Tensor]]:
+        times, inputs = [], []
+        with torch.inference_mode():
+            x = x0
+            for i in range(start, stop):
+                inputs.append(x)
+                sync()
+                t0 = clock()
+                x = model.blocks[i](x)
+                sync()
+                times.append((clock() - t0) * 1e-9)
+        return times, inputs
+
+    def whole(x0: Tensor) -> float:
+        with torch.inference_mode():
+            sync()
+            t0 = clock()
+            model.run(x0, 0, L)
+            sync()
+            return (clock() - t0) * 1e-9
+
+    out = []
+    try:
+        for batch in batch_sizes:
+            x0 = torch.randn(batch, *model.input_shape, generator=gen).to(device)
+            samples = _Samples(L, training=False)
+            inputs: list[Tensor] = []
+            for rep in range(warmup + repeats):
+                timed = rep >= warmup
+                if timed:
+                    _idle(idle_s)
+                times, inputs = worker.run(lambda x0=x0: chain(x0, 0, L))
+                if timed:
+                    _idle(idle_s)
+                model_s = worker.run(lambda x0=x0: whole(x0))
+                if timed:
+                    for i, t in enumerate(times):
+                        samples.fwd[i].append(t)
+                    samples.model_fwd.append(model_s)
+                counter.step()
+            in_chain = [float(np.median(s)) for s in samples.fwd]
+            wake = []
+            for j in range(CALL_REPEATS):  # the first block of a run, for every start in turn
+                i = j % L
+                _idle(idle_s)
+                first, _ = worker.run(lambda i=i, x=inputs[i]: chain(x, i, i + 1))
+                wake.append(max(0.0, first[0] - in_chain[i]))
+            call = Stat.of(wake)
+            # Block 0 of every timed chain was a first block: its wake-up is the call's, not the block's.
+            samples.fwd[0] = [max(0.0, t - call.median) for t in samples.fwd[0]]
+            out.append(dataclasses.replace(samples.timings(batch), call=call))
+    finally:
+        worker.close()
+    return out
 
 
 def _run_torch_inference(model: BlockModel, batch_sizes: Sequence[int], device: torch.device, warmup: int,
@@ -393,7 +507,9 @@ def _run_torch_training(model: BlockModel, batch_sizes: Sequence[int], device: t
 
 
 def _check_args(batch_sizes: Sequence[int], runtime: str, training: bool, repeats: int, warmup: int,
-                threads: int, method: str) -> list[int]:
+                threads: int, method: str, idle_s: float = 0.0) -> list[int]:
+    if isinstance(idle_s, bool) or not isinstance(idle_s, int | float) or not 0 <= idle_s <= MAX_IDLE_S:
+        raise ProfileError(f"idle wait must be a number of seconds in 0..{MAX_IDLE_S:g}, got {idle_s!r}")
     if runtime not in RUNTIMES:
         raise ProfileError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if runtime == "onnxruntime" and method not in ORT_METHODS:
@@ -435,6 +551,7 @@ def profile_blocks(
     progress: Progress | None = None,
     clock: Clock = time.perf_counter_ns,
     workdir: Path | None = None,
+    idle_s: float = 0.0,
 ) -> BlockProfile:
     """Measure every block of ``model`` at each batch size; see the module docstring for what runs where.
 
@@ -443,12 +560,14 @@ def profile_blocks(
     The model is not modified: a copy is measured. ``weights_hash`` defaults to the model's state hash;
     ``speed_vs_pi4``/``speed_source`` default to this host's (:func:`reference_speed`); ``host`` to
     :func:`~testbed.profiling.hostfacts.host_facts`. ``clock`` returns nanoseconds (tests may inject one).
-    ONNX graphs are written to ``workdir`` (default: a temporary folder, removed afterwards).
+    ONNX graphs are written to ``workdir`` (default: a temporary folder, removed afterwards). ``idle_s`` is the
+    idle wait before every timed call (0: back to back; see the module docstring).
     """
     if not isinstance(model, BlockModel):
         raise ProfileError(f"profile_blocks needs a BlockModel (from build_model), got {type(model).__name__}")
     method = method or ("prefix" if runtime == "onnxruntime" else "block")
-    sizes = _check_args(batch_sizes, runtime, training, repeats, warmup, threads, method)
+    sizes = _check_args(batch_sizes, runtime, training, repeats, warmup, threads, method, idle_s)
+    idle_s = 0.0 if training else float(idle_s)
     dev = torch.device("cpu") if runtime == "onnxruntime" else pick_torch_device(device)
     if speed_vs_pi4 is None:
         speed_vs_pi4, default_source = reference_speed()
@@ -468,9 +587,11 @@ def profile_blocks(
                     folder = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="profile-")))
                     Path(folder).mkdir(parents=True, exist_ok=True)
                     batches = _run_ort(work, sizes, threads, warmup, repeats, method, clock, counter,
-                                       Path(folder))
+                                       Path(folder), idle_s)
             elif training:
                 batches = _run_torch_training(work, sizes, dev, warmup, repeats, clock, counter)
+            elif idle_s > 0:
+                batches = _run_torch_served(work, sizes, dev, warmup, repeats, clock, counter, idle_s)
             else:
                 batches = _run_torch_inference(work, sizes, dev, warmup, repeats, clock, counter)
     except TestbedError:
@@ -500,6 +621,7 @@ def profile_blocks(
         speed_source=speed_source,
         host=host if host is not None else host_facts(),
         created=utc_now(),
+        idle_s=idle_s,
     )
 
 

@@ -41,6 +41,7 @@ from testbed.planning.model import ModelProfile
 
 __all__ = [
     "FORMAT",
+    "MAX_IDLE_S",
     "MEASURED_DIR",
     "METHODS",
     "RUNTIMES",
@@ -73,6 +74,8 @@ RUNTIMES: Final[tuple[str, ...]] = ("onnxruntime", "torch")
 METHODS: Final[dict[str, tuple[str, ...]]] = {"onnxruntime": ("prefix", "block"), "torch": ("block",)}
 #: Bytes per element of an activation (float32 on the wire).
 ACT_ITEMSIZE: Final[int] = 4
+#: The longest idle wait before a timed call that a profile may record (seconds).
+MAX_IDLE_S: Final[float] = 1.0
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -141,9 +144,11 @@ class Stat:
 class BatchTimings:
     """One batch size: per-block forward (and backward) times, and the whole model timed in one run.
 
-    ``call`` (onnxruntime, method ``prefix``) is the runtime's fixed cost of one more session call as a device
-    agent makes it, after waiting for the edge: what a tail session costs beyond its blocks' prefix differences
-    (see testbed.profiling.blocks); None when not measured.
+    ``call`` is a fixed cost per call beyond the blocks, paid after an idle wait (see testbed.profiling.blocks):
+    on onnxruntime (method ``prefix``) the cost of one more session call as a device agent makes it after waiting
+    for the edge (what a tail costs beyond its blocks' prefix differences); on torch inference profiled with an
+    idle wait, the edge body's wake-up: what the first block of a body run costs beyond its time inside a chain.
+    None when not measured.
     """
 
     batch_size: int
@@ -202,9 +207,15 @@ class BlockProfile:
     speed_source: str
     host: Mapping[str, Any] = field(default_factory=dict)
     created: str = ""
+    #: The idle wait before every timed call (0: back to back). Served work runs after waiting for the network,
+    #: with caches gone cold; see testbed.profiling.blocks.
+    idle_s: float = 0.0
 
     def __post_init__(self) -> None:
         where = f"profile of {self.model!r}"
+        if not (_is_num(self.idle_s) and math.isfinite(self.idle_s) and 0 <= self.idle_s <= MAX_IDLE_S):
+            raise ProfileError(f"{where}: idle wait {self.idle_s!r} s must be a number in 0..{MAX_IDLE_S:g}")
+        object.__setattr__(self, "idle_s", float(self.idle_s))
         if not isinstance(self.model, str) or not self.model:
             raise ProfileError("profile: model name must be a non-empty string")
         if not isinstance(self.config, Mapping):
@@ -425,6 +436,8 @@ def to_model_profile(
     edge_b = edge.batch(batch_size)
     # Only a prefix profile leaves the tail's call out of the blocks; summed single-block calls include it.
     tail_call = dev_b.call.median if dev_b.call is not None and device.method == "prefix" else 0.0
+    # A torch profile measured after idle waits has the body's wake-up cost apart from its blocks (blocks.py).
+    body_call = edge_b.call.median / edge_scale if edge_b.call is not None and edge.runtime == "torch" else 0.0
     return ModelProfile(
         name=name or f"{device.model}@b{batch_size}",
         fwd_s=dev_b.fwd_s,
@@ -434,6 +447,7 @@ def to_model_profile(
         act_bytes=device.act_bytes(batch_size),
         param_bytes=device.param_bytes,
         tail_call_s=tail_call,
+        body_call_s=body_call,
     )
 
 
@@ -591,7 +605,7 @@ def profile_to_dict(profile: BlockProfile | LinkMeasurement) -> dict[str, Any]:
                   "num_blocks": profile.num_blocks},
         "measurement": {"runtime": profile.runtime, "device": profile.device, "threads": profile.threads,
                         "training": profile.training, "method": profile.method, "warmup": profile.warmup,
-                        "repeats": profile.repeats},
+                        "repeats": profile.repeats, "idle_ms": round(profile.idle_s * 1e3, 6)},
         "reference": {"speed_vs_pi4": profile.speed_vs_pi4, "source": profile.speed_source},
         "host": dict(profile.host),
         "act_shapes": [list(s) for s in profile.act_shapes],
@@ -655,7 +669,7 @@ def _blocks_from(d: Mapping[str, Any], r: _Reader) -> BlockProfile:
     model = r.mapping(d["model"], "model", ("name", "config", "weights_hash"),
                       ("name", "config", "weights_hash", "num_blocks"))
     keys = ("runtime", "device", "threads", "training", "method", "warmup", "repeats")
-    meas = r.mapping(d["measurement"], "measurement", keys, keys)
+    meas = r.mapping(d["measurement"], "measurement", keys, (*keys, "idle_ms"))  # idle_ms: newer files
     ref = r.mapping(d["reference"], "reference", ("speed_vs_pi4", "source"), ("speed_vs_pi4", "source"))
     params = d["param_bytes"]
     if not isinstance(params, list) or not all(_is_int(p) for p in params):
@@ -710,6 +724,7 @@ def _blocks_from(d: Mapping[str, Any], r: _Reader) -> BlockProfile:
             speed_source=r.str_(ref["source"], "reference.source"),
             host=r.mapping(d.get("host", {}), "host"),
             created=str(d.get("created", "")),
+            idle_s=r.num(meas.get("idle_ms", 0.0), "measurement.idle_ms") * 1e-3,
         )
     except ProfileError as exc:
         if str(exc).startswith(r.where):

@@ -58,6 +58,7 @@ def raw_problems(draw, max_devices: int = 3, max_blocks: int = 6) -> PlanningPro
         act_bytes=tuple(draw(st.lists(st.integers(0, 10**5), min_size=L + 1, max_size=L + 1))),
         param_bytes=tuple(params),
         tail_call_s=draw(st.one_of(st.just(0.0), st.floats(0, 0.01))),
+        body_call_s=draw(st.one_of(st.just(0.0), st.floats(0, 0.005))),
     )
     min_head = draw(st.one_of(st.just(1), st.integers(1, L - 1)))
     min_tail = draw(st.one_of(st.just(1), st.integers(1, L - min_head)))

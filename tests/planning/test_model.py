@@ -134,7 +134,40 @@ def test_cost_tensor_counts_fixed_costs_like_device_time(mode: str) -> None:
             assert A[i, p] - A0[i, p] == pytest.approx(2 * extra, rel=1e-9)
 
 
+def test_the_body_wake_up_is_paid_once_per_request_and_not_divided_by_the_share() -> None:
+    """``body_call_s`` (the edge body's wake-up after idling) is latency of every request that reaches the edge,
+    in the edge_request stage, whatever the share; device-only splits never pay it."""
+    prob = fixed_cost_problem()
+    woken = dataclasses.replace(prob, model=dataclasses.replace(prob.model, body_call_s=0.0005))
+    for share in (0.25, 1.0):
+        base_total, base = device_time(prob, 0, 1, 3, share)
+        total, st = device_time(woken, 0, 1, 3, share)
+        assert st["edge_request"] == pytest.approx(0.003 + 0.0005)
+        assert total == pytest.approx(base_total + 0.0005)
+        assert {k: v for k, v in st.items() if k != "edge_request"} == pytest.approx(
+            {k: v for k, v in base.items() if k != "edge_request"})
+    assert device_time(woken, 0, 2, 2, 0.0)[1]["edge_request"] == 0
+    training = dataclasses.replace(woken, mode="training", batches_per_round=3)
+    assert device_time(training, 0, 1, 3, 0.5)[1]["edge_request"] == pytest.approx(3 * 2 * (0.003 + 0.0005))
+    # The vectorised costs agree (the planner and the exhaustive solver use them).
+    for mode in ("inference", "training"):
+        rnd = random_problem(6, 3, 6, mode, batches_per_round=2)
+        prob = dataclasses.replace(rnd, model=dataclasses.replace(rnd.model, body_call_s=0.0007))
+        splits, A, S = cost_tensor(prob)
+        _, A0, S0 = cost_tensor(rnd)
+        assert np.array_equal(S, S0)
+        for i in range(prob.n_devices):
+            for p, (a, b) in enumerate(splits):
+                if np.isfinite(A[i, p]):
+                    assert A[i, p] + S[i, p] / 0.3 == pytest.approx(
+                        device_time(prob, i, int(a), int(b), 0.3)[0], rel=1e-12)
+                    requests = (2 if mode == "training" else 1) if a < b else 0
+                    assert A[i, p] - A0[i, p] == pytest.approx(2 * requests * 0.0007, abs=1e-12)
+
+
 def test_fixed_costs_are_validated() -> None:
+    with pytest.raises(PlanningError, match="body_call_s"):
+        dataclasses.replace(MODEL, body_call_s=-1e-3)
     with pytest.raises(PlanningError, match="tail_call_s"):
         dataclasses.replace(MODEL, tail_call_s=-1e-3)
     with pytest.raises(PlanningError, match="edge_request_s"):
@@ -320,18 +353,18 @@ def test_fixed_costs_in_the_planning_input(tmp_path) -> None:
     import dataclasses
 
     prob = random_problem(8, 2, 5, "inference")
-    prob = dataclasses.replace(prob, model=dataclasses.replace(prob.model, tail_call_s=0.00015),
+    prob = dataclasses.replace(prob, model=dataclasses.replace(prob.model, tail_call_s=0.00015, body_call_s=0.0004),
                                devices=(dataclasses.replace(prob.devices[0], edge_request_s=0.0008),
                                         *prob.devices[1:]))
     path = tmp_path / "p.json"
     path.write_text(json.dumps(problem_to_dict(prob)))
     assert load_problem(path) == prob
     text = YAML.replace("count: 2", "count: 2\n    edge_request: 0.8ms").replace(
-        "act_bytes: [1000", "tail_call_ms: 0.15\n  act_bytes: [1000")
+        "act_bytes: [1000", "tail_call_ms: 0.15\n  body_call_ms: 0.4\n  act_bytes: [1000")
     yaml_path = tmp_path / "p.yaml"
     yaml_path.write_text(text)
     loaded = load_problem(yaml_path)
-    assert loaded.model.tail_call_s == pytest.approx(0.00015)
+    assert loaded.model.tail_call_s == pytest.approx(0.00015) and loaded.model.body_call_s == pytest.approx(0.0004)
     assert [d.edge_request_s for d in loaded.devices] == pytest.approx([0.0008, 0.0008, 0.0])  # pi x2, orin
 
 

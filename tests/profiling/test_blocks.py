@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from testbed.cli.profile import profile as profile_command
 from testbed.models import build_model, state_hash
 from testbed.partition import activation_shape
 from testbed.profiling.blocks import CALL_REPEATS, _prefix_timings, param_bytes, profile_blocks, sum_vs_model
-from testbed.profiling.store import BlockProfile, ProfileError, load_block_profile, to_model_profile
+from testbed.profiling.store import BlockProfile, ProfileError, load_block_profile, save_profile, to_model_profile
 
 HOST = {"hostname": "testhost"}
 
@@ -92,6 +94,68 @@ def test_torch_inference_and_training(cnn) -> None:
     assert b.bwd[1].median > b.bwd[9].median
 
 
+def test_served_torch_profile_waits_runs_on_a_serving_thread_and_measures_the_wake_up(cnn) -> None:
+    """With an idle wait every timed call waits first and runs on a thread of its own (as the edge's compute
+    thread does); the body's wake-up is measured apart from the blocks and reaches the planner as body_call_s."""
+    threads: set[str] = set()
+
+    def clock() -> int:
+        threads.add(threading.current_thread().name)
+        return time.perf_counter_ns()
+
+    idle = 0.004
+    start = time.perf_counter()
+    prof = profile_blocks(cnn, [2], runtime="torch", device="cpu", repeats=4, warmup=1, host=HOST, idle_s=idle,
+                          clock=clock)
+    elapsed = time.perf_counter() - start
+    check_structure(prof, cnn)
+    assert prof.idle_s == idle and threads == {"profile-serving"}
+    assert elapsed >= (2 * 4 + CALL_REPEATS) * idle  # a wait before every timed chain, whole model and wake-up
+    b = prof.batches[0]
+    assert b.call is not None and b.call.n == CALL_REPEATS and b.call.median >= 0
+    model = to_model_profile(profile_blocks(cnn, [2], repeats=2, warmup=0, host=HOST), edge=prof)
+    assert model.body_call_s == b.call.median and model.edge_fwd_s == b.fwd_s
+    # Back to back (the default): no wake-up term, nothing on another thread.
+    plain = profile_blocks(cnn, [2], runtime="torch", device="cpu", repeats=2, warmup=0, host=HOST)
+    assert plain.idle_s == 0 and plain.batches[0].call is None
+    assert to_model_profile(plain).body_call_s == 0.0
+
+
+def test_served_wake_up_is_taken_out_of_block_zero(cnn) -> None:
+    """Injected clock: every timed call of the chain spans 1 µs, a run's first block 3 µs (the wake-up). Block 0,
+    first in every chain, keeps its 1 µs; the 2 µs go to ``call``."""
+    state = {"t": 0, "first": True}
+
+    def clock() -> int:  # called twice per block: start, end
+        if state["first"]:
+            state["first"] = False
+            return state["t"]
+        state["first"] = True
+        state["t"] += 1000
+        return state["t"]
+
+    prof = profile_blocks(cnn, [1], runtime="torch", device="cpu", repeats=3, warmup=0, host=HOST, idle_s=0.001,
+                          clock=clock)
+    b = prof.batches[0]
+    assert b.fwd_s == pytest.approx((1e-6,) * 10) and b.call is not None and b.call.median == 0.0
+
+
+def test_served_onnxruntime_profile_waits_before_every_call(cnn, tmp_path: Path) -> None:
+    idle = 0.003
+    start = time.perf_counter()
+    prof = profile_blocks(cnn, [1], repeats=2, warmup=0, host=HOST, idle_s=idle)
+    # A wait before each of the 10 head prefixes and the whole model, in each of the 2 repeats.
+    assert time.perf_counter() - start >= 2 * 11 * idle and prof.idle_s == idle
+    assert prof.batches[0].call is not None
+    assert load_block_profile(save_profile(prof, tmp_path / "p.yaml")).idle_s == idle
+
+
+def test_training_profiles_ignore_the_idle_wait(cnn) -> None:
+    prof = profile_blocks(cnn, [2], runtime="torch", device="cpu", training=True, repeats=2, warmup=0, host=HOST,
+                          idle_s=0.01)
+    assert prof.idle_s == 0 and prof.batches[0].call is None
+
+
 def test_the_model_is_left_untouched() -> None:
     torch.manual_seed(1)
     model = build_model("cnn", batch_norm=True).eval()
@@ -134,6 +198,9 @@ def test_prefix_differencing_is_monotone_and_telescopes() -> None:
     ({"batch_sizes": []}, "at least one batch size"),
     ({"batch_sizes": [0]}, "batch size"),
     ({"batch_sizes": [2, 2]}, "repeat"),
+    ({"idle_s": -0.1}, "idle wait"),
+    ({"idle_s": 5.0}, "idle wait"),
+    ({"idle_s": True}, "idle wait"),
 ])
 def test_bad_arguments(cnn, kwargs: dict, message: str) -> None:
     args = {"batch_sizes": [1], **kwargs}
@@ -183,6 +250,18 @@ def test_cli_profiles_and_saves(tmp_path: Path) -> None:
     prof = load_block_profile(out)
     assert prof.training and prof.batch_sizes == (1, 2) and prof.repeats == 3
     assert prof.speed_vs_pi4 == 1.0 and prof.speed_source == "device class raspberry-pi-4"
+
+
+def test_cli_served_profile(tmp_path: Path) -> None:
+    out = tmp_path / "served.yaml"
+    result = run("--runtime", "torch", "--device", "cpu", "--repeats", "2", "--warmup", "0", "--idle-ms", "2",
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "wake-up of a body run" in result.output
+    prof = load_block_profile(out)
+    assert prof.idle_s == pytest.approx(0.002) and prof.batches[0].call is not None
+    bad = run("--idle-ms", "-1", "--repeats", "1", "--warmup", "0")
+    assert bad.exit_code == 2 and "--idle-ms" in bad.output and "Traceback" not in bad.output
 
 
 def test_cli_with_weights(tmp_path: Path, cnn_weights) -> None:

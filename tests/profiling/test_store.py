@@ -117,6 +117,32 @@ def test_link_round_trip(tmp_path: Path) -> None:
     assert none.downlink_bps is None and none.echo_rtt is None
 
 
+def test_idle_wait_round_trips_older_files_load_and_bad_values_are_refused(tmp_path: Path) -> None:
+    served = dataclasses.replace(make_profile(), idle_s=0.02)
+    assert load_block_profile(save_profile(served, tmp_path / "p.yaml")).idle_s == pytest.approx(0.02)
+    old = profile_to_dict(make_profile())
+    del old["measurement"]["idle_ms"]  # a file written before the idle wait existed
+    assert profile_from_dict(old).idle_s == 0.0
+    bad = profile_to_dict(served)
+    bad["measurement"]["idle_ms"] = -5
+    with pytest.raises(ProfileError, match="idle"):
+        profile_from_dict(bad)
+    with pytest.raises(ProfileError, match="idle"):
+        dataclasses.replace(served, idle_s=float("nan"))
+
+
+def test_the_body_wake_up_of_a_torch_edge_profile_reaches_the_model() -> None:
+    device = make_profile()
+    edge = make_profile(runtime="torch", scale=0.1)
+    woken = dataclasses.replace(edge, batches=tuple(dataclasses.replace(b, call=stat(0.4)) for b in edge.batches))
+    assert to_model_profile(device, woken, batch_size=4, edge_scale=2.0).body_call_s == pytest.approx(0.2e-3)
+    assert to_model_profile(device, edge, batch_size=4).body_call_s == 0.0  # not measured
+    # An onnxruntime profile standing in for the edge: its call is a tail's session call, not a wake-up.
+    with_call = dataclasses.replace(device, batches=tuple(dataclasses.replace(b, call=stat(0.4))
+                                                          for b in device.batches))
+    assert to_model_profile(with_call, batch_size=4).body_call_s == 0.0
+
+
 def test_fixed_costs_round_trip_and_older_files_load(tmp_path: Path) -> None:
     """The per-call cost (call_ms) and the edge's request handling (request_rtt_ms, edge_request_ms) are stored;
     files written before them load with the costs unmeasured."""
