@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from testbed.lab.devices import host_speed_vs_pi4, load_device_class, slowdown  # noqa: E402
 from testbed.lab.lab import Lab  # noqa: E402
 from testbed.lab.state import StateStore  # noqa: E402
+from testbed.lifecycle import unwind_on_signals  # noqa: E402
 from testbed.models import build_model  # noqa: E402
 from testbed.models.weights import save_weights  # noqa: E402
 from testbed.net.link import load_link_profile  # noqa: E402
@@ -133,8 +133,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (the emulated lab)", file=sys.stderr)
         return 2
-    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the edge and take the lab down.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    unwind_on_signals()  # SIGTERM unwinds like Ctrl-C: the finally blocks stop the edge, take the lab down
     torch.set_num_threads(1)
     host_speed = host_speed_vs_pi4()
     rows: list[dict[str, Any]] = []

@@ -34,6 +34,25 @@ def die_with_parent(expected_parent: int | None = None, sig: int = signal.SIGTER
         os.kill(os.getpid(), sig)
 
 
+def unwind_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Make ``signals`` raise KeyboardInterrupt in this process, so its ``finally`` blocks (stop the processes it
+    started, take its lab down) run as on Ctrl-C.
+
+    Only in this process: a fork that inherits the handler (pyroute2 forks a helper to open a netlink socket in a
+    namespace, then stops it with SIGTERM) exits at once instead — unwinding there would run the parent's
+    clean-up in the child (a `lab down` in the middle of `lab up`) or hang in it.
+    """
+    owner = os.getpid()
+
+    def _handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    for sig in signals:
+        signal.signal(sig, _handler)
+
+
 def stop_event_on_signals(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
                           exit_after_s: float | None = None) -> threading.Event:
     """Return an event that is set when one of `signals` arrives; the caller's loop checks it.

@@ -42,3 +42,39 @@ def test_without_the_grace_period_the_same_process_stays_until_killed() -> None:
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+UNWINDS = """
+import os, signal, sys, time
+from testbed.lifecycle import unwind_on_signals
+unwind_on_signals()
+child = os.fork()
+if child == 0:  # a fork that inherited the handler, like pyroute2's netns helper
+    try:
+        time.sleep(60)
+    finally:
+        print("child ran the parent's clean-up", flush=True)  # must never happen
+    os._exit(0)
+print(child, flush=True)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:
+    print("parent interrupted", flush=True)
+finally:
+    os.kill(child, signal.SIGTERM)
+    _, status = os.waitpid(child, 0)
+    print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+    print("parent clean-up", flush=True)
+"""
+
+
+def test_signals_unwind_the_owner_and_only_end_its_forks() -> None:
+    """SIGTERM reaches the process as KeyboardInterrupt (its finally blocks run, as `lab down` must); a fork
+    that inherited the handler and gets SIGTERM exits with 128 + 15 without running the parent's clean-up."""
+    proc = subprocess.Popen([sys.executable, "-c", UNWINDS], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    assert child > 0
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert out.splitlines() == ["parent interrupted", f"child exit {128 + signal.SIGTERM}", "parent clean-up"]

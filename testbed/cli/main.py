@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-from types import FrameType
-
 import typer
 
 from testbed.cli import controller, demo, doctor, lab, link, plan, profile, remote, run, status, train
 from testbed.cli.errors import friendly_errors
+from testbed.lifecycle import unwind_on_signals
 
 app = typer.Typer(
     help="Hardware-in-the-loop testbed for U-shaped split learning and split inference at the 6G edge.",
@@ -30,21 +27,9 @@ app.add_typer(remote.app, name="remote")
 app.add_typer(controller.app, name="controller")
 
 
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _MAIN_PID:
-        # A fork that inherited this handler (pyroute2 forks a helper to open netlink sockets in a
-        # namespace, then stops it with SIGTERM): it must not run the parent's cleanup, such as `lab down`.
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
-
-
 def main() -> None:
     # SIGTERM and SIGINT unwind as KeyboardInterrupt, so every command's cleanup (stopping its processes) runs.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    unwind_on_signals()
     app()
 
 

@@ -17,20 +17,29 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from testbed.controller.estimates import ComputeEstimate, LinkEstimate
 from testbed.errors import TestbedError
+from testbed.planning.baselines import device_only, fixed_middle, neurosurgeon
 from testbed.planning.lscra import equalize_shares, needed_shares, plan_lscra
 from testbed.planning.model import Plan, PlanningError, PlanningProblem, cost_tensor, evaluate_plan
 
-__all__ = ["Decision", "ReplanError", "ReplanPolicy", "Replanner", "plan_fresh", "problem_with_estimates",
-           "rename_devices"]
+__all__ = ["BASELINE_PLANNERS", "Decision", "ReplanError", "ReplanPolicy", "Replanner", "plan_fresh",
+           "problem_with_estimates", "rename_devices"]
 
 Split = tuple[int, int]
+
+#: Baselines a run may plan with instead of LSCRA, to measure the planner against them (``planner.algorithm``).
+#: Neurosurgeon: each device's best split with the whole edge, then equal shares among the edge's users.
+BASELINE_PLANNERS: dict[str, Callable[[PlanningProblem], Plan]] = {
+    "fixed-middle": fixed_middle,
+    "neurosurgeon": lambda problem: neurosurgeon(problem, "equal"),
+    "device-only": device_only,
+}
 _REL_TOL = 1e-9
 
 
@@ -293,11 +302,19 @@ def _keep_current(problem: PlanningProblem, fresh: Plan, current: Mapping[str, S
 class Replanner:
     """Holds the plan in force and the hysteresis state; :meth:`evaluate` is called with each new problem.
 
-    ``fixed``: device name -> split that no plan may move (the experiment pins it).
+    ``fixed``: device name -> split that no plan may move (the experiment pins it). ``algorithm``: ``lscra``, or a
+    baseline of :data:`BASELINE_PLANNERS` that then makes every fresh plan (no pinned splits, no keep-slack: a
+    baseline's plan is what it is), so a run can measure the planner against it.
     """
 
     def __init__(self, policy: ReplanPolicy | None = None, plan: Plan | None = None, *,
-                 fixed: Mapping[str, Split] | None = None, now: float | None = None) -> None:
+                 fixed: Mapping[str, Split] | None = None, now: float | None = None,
+                 algorithm: str = "lscra") -> None:
+        if algorithm != "lscra" and algorithm not in BASELINE_PLANNERS:
+            raise ReplanError(f"unknown algorithm {algorithm!r}: lscra or one of {', '.join(BASELINE_PLANNERS)}")
+        if algorithm != "lscra" and fixed:
+            raise ReplanError(f"the {algorithm} baseline cannot honour pinned splits")
+        self.algorithm = algorithm
         self.policy = policy or ReplanPolicy()
         self.fixed = dict(fixed or {})
         self._plan = plan
@@ -321,11 +338,12 @@ class Replanner:
         now = _number("now", now, -math.inf)
         pol = self.policy
         common = pol.common if pol.common is not None else problem.mode == "training"
-        fresh = plan_fresh(problem, common=common, fixed=self.fixed)
+        baseline = BASELINE_PLANNERS.get(self.algorithm)
+        fresh = baseline(problem) if baseline else plan_fresh(problem, common=common, fixed=self.fixed)
         names = [d.name for d in problem.devices]
         cur = self._plan
         current_splits = {d.device: (d.a, d.b) for d in cur.devices} if cur else {}
-        if cur is not None and current_splits:
+        if cur is not None and current_splits and baseline is None:
             fresh = _keep_current(problem, fresh, current_splits, common, pol.keep_slack)
         if cur is None:
             return self._change(fresh, fresh, math.inf, now, "initial plan")

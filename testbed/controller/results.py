@@ -167,7 +167,8 @@ def decision_record(decision: Any, t: float) -> dict[str, Any]:
     return {"t_s": t, "event": "evaluation", "replan": decision.replan, "reason": decision.reason,
             "current_round_s": num(decision.current_round_s), "fresh_round_s": num(decision.fresh_round_s),
             "changed": list(decision.changed), "streak": decision.streak,
-            "plan": {d.device: {"split": [d.a, d.b], "share": round(d.share, 6)} for d in decision.plan.devices}}
+            "plan": {d.device: {"split": [d.a, d.b], "share": round(d.share, 6), "predicted_ms": num(d.total_s * 1e3)}
+                     for d in decision.plan.devices}}
 
 
 def estimates_record(links: Mapping[str, Any], speeds: Mapping[str, Any], edge_speed: Any) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class Run:
             dataset = load_dataset(spec.workload.dataset)
         weights = prepare.load_run_weights(spec, dataset, self.cache_dir, self.say)
         self.partitions = prepare.Partitions(weights, self.cache_dir)
-        self.replanner = Replanner(spec.planner.policy(), fixed=spec.fixed_splits)
+        self.replanner = Replanner(spec.planner.policy(), fixed=spec.fixed_splits, algorithm=spec.planner.algorithm)
         first = None if profile else self._initial_plan()  # with profiling: once the links are measured
         shards = prepare.write_shards(spec, dataset, out / "data") if dataset is not None else {}
         self.estimator = LiveEstimator(spec.planner.estimator(), self.problem.model)

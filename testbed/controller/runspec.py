@@ -49,6 +49,8 @@ PLACEMENTS = ("loopback", "lab", "inventory")
 DATA = ("shard", "synthetic")
 EDGE_DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("per-device", "common")
+#: The planner, or a baseline of testbed.planning.baselines to measure against it (inference only).
+ALGORITHMS = ("lscra", "fixed-middle", "neurosurgeon", "device-only")
 DATASETS = ("auto", "fashion-mnist", "digits")
 MAX_DEVICES = 200
 MIN_PROBE_INTERVAL_S = 0.05  # the device agent's floor (agents.link_probe.MIN_INTERVAL_S)
@@ -110,6 +112,7 @@ class PlannerSpec:
     edge_profile: Path | None
     profile_links: bool | None = None  # measure the links before the first plan; None: unless on loopback
     probe_interval_s: float = 1.0  # agents probe their link this often while they send (0: never)
+    algorithm: str = "lscra"  # or a baseline to compare against (ALGORITHMS)
 
     def policy(self) -> ReplanPolicy:
         return ReplanPolicy(margin=self.margin, consecutive=self.consecutive, min_interval_s=self.min_interval_s,
@@ -359,7 +362,9 @@ def _planner(p: Problems, value: Any, mode: str, base: Path) -> PlannerSpec:
     for key in ("profile_links", "probe_interval"):
         if mode == "training" and key in m:
             p.add(f"planner.{key}", "only for inference (`testbed run`'s device agents measure and probe links)")
-    choice(p, "planner.algorithm", m.get("algorithm"), "lscra", ("lscra",))
+    algorithm = choice(p, "planner.algorithm", m.get("algorithm"), "lscra", ALGORITHMS)
+    if algorithm != "lscra" and mode == "training":
+        p.add("planner.algorithm", f"{algorithm} is an inference baseline; training plans with lscra")
     e = mapping(p, "planner.estimator", m.get("estimator"), ("time_constant", "window"))
     defaults, est = ReplanPolicy(), EstimatorConfig()
     return PlannerSpec(
@@ -379,6 +384,7 @@ def _planner(p: Problems, value: Any, mode: str, base: Path) -> PlannerSpec:
         profile_links=None if m.get("profile_links") is None else
         boolean(p, "planner.profile_links", m.get("profile_links"), False),
         probe_interval_s=_probe_interval(p, m.get("probe_interval")),
+        algorithm=algorithm,
     )
 
 
@@ -556,6 +562,9 @@ def parse_runspec(data: Any, *, source: str = "<experiment>", base_dir: Path | N
     _check_profile(p, "planner.device_profile", planner.device_profile, model)
     _check_profile(p, "planner.edge_profile", planner.edge_profile, model)
     fixed = {d.split for d in devices if d.split is not None}
+    if planner.algorithm != "lscra" and fixed:
+        p.add("planner.algorithm", f"the {planner.algorithm} baseline chooses every split itself, but devices pin "
+              f"{', '.join(f'{a}:{b}' for a, b in sorted(fixed))} (pinned splits need lscra)")
     if planner.splits == "common" and len(fixed) > 1:
         p.add("planner.splits", f"common needs one split for all devices, but devices pin {sorted(fixed)}")
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from testbed.controller.estimates import ComputeEstimate, LinkEstimate
 from testbed.controller.replan import (
+    BASELINE_PLANNERS,
     Decision,
     ReplanError,
     Replanner,
@@ -268,6 +269,32 @@ def test_fixed_split_errors() -> None:
         plan_fresh(p, common=True, fixed={"dev0": (1, 3), "dev1": (2, 3)})
     common = plan_fresh(p, common=True, fixed={"dev0": (2, 3)})
     assert set(_splits(common).values()) == {(2, 3)}
+
+
+@pytest.mark.parametrize("algorithm", ["fixed-middle", "neurosurgeon", "device-only"])
+def test_a_baseline_algorithm_makes_every_plan(algorithm: str) -> None:
+    """A run may plan with a baseline instead of LSCRA (to measure the planner against it): the plan is the
+    baseline's, on the initial problem and after a membership change, and LSCRA's round is never worse."""
+    p = _problem([SIXG, LTE, SIXG])
+    rp = Replanner(ReplanPolicy(consecutive=1, min_interval_s=0.0), algorithm=algorithm)
+    first = rp.evaluate(p, 0.0).plan
+    expected = BASELINE_PLANNERS[algorithm](p)
+    assert first.method == expected.method and _splits(first) == _splits(expected)
+    assert [d.share for d in first.devices] == pytest.approx([d.share for d in expected.devices])
+    assert plan_lscra(p).round_s <= first.round_s * (1 + 1e-9)
+    if algorithm == "device-only":
+        assert all(d.a == d.b and d.share == 0 for d in first.devices)
+    assert not rp.evaluate(p, 1.0).replan  # the same problem: the baseline's plan stands
+    fewer = _problem([SIXG, LTE])
+    d = rp.evaluate(fewer, 2.0)
+    assert d.replan and _splits(d.plan) == _splits(BASELINE_PLANNERS[algorithm](fewer))
+
+
+def test_baseline_errors() -> None:
+    with pytest.raises(ReplanError, match="unknown algorithm 'greedy'"):
+        Replanner(algorithm="greedy")
+    with pytest.raises(ReplanError, match="pinned splits"):
+        Replanner(algorithm="device-only", fixed={"dev0": (1, 3)})
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -69,7 +69,32 @@ def test_a_loopback_run_writes_its_results_and_leaves_nothing_behind(cnn_weights
     assert len(rows) == 80 and all(r["ok"] == "1" and float(r["e2e_ms"]) > 0 for r in rows)
     first = json.loads((out / "decisions.jsonl").read_text().splitlines()[0])
     assert first["reason"] == "initial plan" and first["plan"]["dev2"]["split"] == [3, 7]
+    # Each device's predicted time under the plan; the slowest is the predicted round.
+    assert max(d["predicted_ms"] for d in first["plan"].values()) == pytest.approx(first["fresh_round_s"] * 1e3,
+                                                                                   abs=2e-3)
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    all_gone(out)
+
+
+@pytest.mark.slow
+def test_a_run_can_plan_with_a_baseline_instead_of_lscra(cnn_weights, tmp_path: Path) -> None:
+    """`planner.algorithm: device-only` (one of the baselines the planner is measured against): every request of
+    every device is served by its device-only partition, as the initial plan says."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "b.yaml", name="b", weights=str(cnn_weights.path), placement="loopback",
+                      edge={"device": "cpu"}, devices=[{"id": "dev1", "data": "synthetic"},
+                                                       {"id": "dev2", "data": "synthetic"}],
+                      planner={**PROFILES, "algorithm": "device-only", "resplit": False},
+                      workload={"batch_size": 8, "requests": 10}, output=str(out))
+    proc = run_cli("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["failed"] == 0 and summary["requests"] == 20
+    first = json.loads((out / "decisions.jsonl").read_text().splitlines()[0])
+    for device in ("dev1", "dev2"):
+        a, b = first["plan"][device]["split"]
+        assert a == b and first["plan"][device]["share"] == 0
+        assert summary["devices"][device]["by_partition"] == {f"{cnn_weights.weights_hash[:16]}:{a}:{b}": 10}
     all_gone(out)
 
 

@@ -180,6 +180,20 @@ def test_wrong_types_and_values(changes: dict, expected: str) -> None:
     assert _one(**changes).startswith(expected)
 
 
+def test_the_planner_or_a_baseline_to_measure_it_against() -> None:
+    devices = copy.deepcopy(BASE["devices"])
+    del devices[1]["split"]
+    for algorithm in ("lscra", "fixed-middle", "neurosurgeon", "device-only"):
+        assert _parse(devices=devices, planner={"algorithm": algorithm}).planner.algorithm == algorithm
+    assert _parse(devices=devices).planner.algorithm == "lscra"
+    assert _one(devices=devices, planner={"algorithm": "neurosurgon"}) == (
+        "planner.algorithm: expected one of lscra, fixed-middle, neurosurgeon, device-only, got 'neurosurgon' "
+        "(did you mean 'neurosurgeon'?)")
+    assert _one(planner={"algorithm": "device-only"}) == (
+        "planner.algorithm: the device-only baseline chooses every split itself, but devices pin 3:7 "
+        "(pinned splits need lscra)")
+
+
 def test_durations_need_a_unit() -> None:
     assert _one(workload={"duration": 60}) == "workload.duration: duration 60 has no unit: write e.g. '60ms' or '60us'"
     assert "unknown unit 'min'" in _one(planner={"min_interval": "1min"})
