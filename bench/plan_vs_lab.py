@@ -108,6 +108,7 @@ def _link_summary(path: Path) -> dict[str, Any]:
     return {"rtt_ms": round(link.rtt.median * 1e3, 3), "uplink_mbps": round(link.uplink_bps / 1e6, 1),
             "downlink_mbps": None if link.downlink_bps is None else round(link.downlink_bps / 1e6, 1),
             "edge_request_ms": None if link.edge_request_s is None else round(link.edge_request_s * 1e3, 3),
+            "uplink_burst_bytes": link.uplink_burst_bytes, "downlink_burst_bytes": link.downlink_burst_bytes,
             # The same cost as the difference of the two round trips (the measurement before the edge's clock).
             "edge_request_rtt_diff_ms": None if link.request_rtt is None or link.request_echo_rtt is None else
             round((link.request_rtt.median - link.request_echo_rtt.median) * 1e3, 3),
@@ -191,6 +192,9 @@ def main() -> int:
                                                     edge_profile=eprof, batch_size=args.batch)
                             b2b = build_problem(dprof, [measured_link], devices=1, device_classes=[cls_name],
                                                 edge_profile=eb2b, batch_size=args.batch)
+                            no_burst = dataclasses.replace(problem, devices=tuple(
+                                dataclasses.replace(d, uplink_burst_bytes=0, downlink_burst_bytes=0)
+                                for d in problem.devices))
                             base = dataclasses.replace(
                                 problem, model=dataclasses.replace(problem.model, tail_call_s=0.0, body_call_s=0.0),
                                 devices=tuple(dataclasses.replace(d, edge_request_s=0.0) for d in problem.devices))
@@ -204,6 +208,7 @@ def main() -> int:
                                 predicted_nominal, _ = device_time(nominal, 0, a, b, 1.0)
                                 predicted_base, _ = device_time(base, 0, a, b, 1.0)
                                 predicted_b2b, _ = device_time(b2b, 0, a, b, 1.0)
+                                predicted_no_burst, _ = device_time(no_burst, 0, a, b, 1.0)
                                 row = {"link": link_name, "device_class": cls_name, "model": name, "a": a, "b": b,
                                        "predicted_ms": round(predicted * 1000, 3), "measured_ms": round(measured, 3),
                                        "error": round(measured / (predicted * 1000) - 1, 4),
@@ -211,6 +216,8 @@ def main() -> int:
                                        "error_nominal": round(measured / (predicted_nominal * 1000) - 1, 4),
                                        "predicted_base_ms": round(predicted_base * 1000, 3),
                                        "error_base": round(measured / (predicted_base * 1000) - 1, 4),
+                                       "predicted_no_burst_ms": round(predicted_no_burst * 1000, 3),
+                                       "error_no_burst": round(measured / (predicted_no_burst * 1000) - 1, 4),
                                        "predicted_b2b_edge_ms": round(predicted_b2b * 1000, 3),
                                        "error_b2b_edge": round(measured / (predicted_b2b * 1000) - 1, 4),
                                        "predicted_stages_ms": {k: round(v * 1000, 3) for k, v in stages.items()},
@@ -221,7 +228,8 @@ def main() -> int:
                                       f"error {100 * row['error']:+6.1f}% (nominal link "
                                       f"{100 * row['error_nominal']:+6.1f}%, without fixed costs "
                                       f"{100 * row['error_base']:+6.1f}%, back-to-back edge "
-                                      f"{100 * row['error_b2b_edge']:+6.1f}%)", flush=True)
+                                      f"{100 * row['error_b2b_edge']:+6.1f}%, no burst "
+                                      f"{100 * row['error_no_burst']:+6.1f}%)", flush=True)
                         finally:
                             edge.terminate()
                             edge.wait(timeout=30)
@@ -237,11 +245,12 @@ def main() -> int:
                 key: {"within_10pct": sum(abs(r[key]) <= 0.10 for r in sel), "pairs": len(sel),
                       "min": min(r[key] for r in sel), "max": max(r[key] for r in sel),
                       "median_abs": round(float(np.median([abs(r[key]) for r in sel])), 4)}
-                for key in ("error", "error_nominal", "error_base", "error_b2b_edge")}
+                for key in ("error", "error_nominal", "error_base", "error_b2b_edge", "error_no_burst")}
     summary = {"pairs": len(rows), "within_10pct": within, "fraction": round(within / max(len(rows), 1), 3),
                "within_10pct_nominal_link": within_nominal,
                "within_10pct_without_fixed_costs": sum(abs(r["error_base"]) <= 0.10 for r in rows),
                "within_10pct_back_to_back_edge": sum(abs(r["error_b2b_edge"]) <= 0.10 for r in rows),
+               "within_10pct_no_burst": sum(abs(r["error_no_burst"]) <= 0.10 for r in rows),
                "per_link": per_link,
                "measured_links": {f"{k[0]}/{k[1]}": v for k, v in link_info.items()},
                "tail_call_ms": {name: round(prep[3].batch(args.batch).call.median * 1e3, 4)

@@ -37,12 +37,18 @@ from testbed.profiling.blocks import profile_blocks  # noqa: E402
 from testbed.profiling.store import save_profile  # noqa: E402
 
 ALGORITHMS = ("lscra", "fixed-middle", "neurosurgeon", "device-only")
-DEVICES = [
-    {"id": "dev1", "class": "raspberry-pi-4", "link": "5g-mmwave"},
-    {"id": "dev2", "class": "raspberry-pi-4", "link": "6g-vision"},
-    {"id": "dev3", "class": "raspberry-pi-5", "link": "5g-sub6"},
-    {"id": "dev4", "class": "raspberry-pi-5", "link": "lte"},
-]
+DEVICES = "raspberry-pi-4:5g-mmwave,raspberry-pi-4:6g-vision,raspberry-pi-5:5g-sub6,raspberry-pi-5:lte"
+
+
+def parse_devices(text: str) -> list[dict[str, str]]:
+    """``CLASS:LINK,CLASS:LINK,...`` -> the run spec's devices (dev1, dev2, ...)."""
+    out = []
+    for i, item in enumerate(text.split(","), 1):
+        cls, sep, link = item.partition(":")
+        if not sep or not cls or not link:
+            raise SystemExit(f"--devices: expected CLASS:LINK, got {item!r}")
+        out.append({"id": f"dev{i}", "class": cls, "link": link})
+    return out
 
 
 def run_one(algorithm: str, tmp: Path, weights: Path, profiles: dict[str, str], args: argparse.Namespace
@@ -51,7 +57,7 @@ def run_one(algorithm: str, tmp: Path, weights: Path, profiles: dict[str, str], 
     spec = {
         "name": f"baseline-{algorithm}", "mode": "inference", "model": {"name": "cnn"}, "weights": str(weights),
         "placement": {"kind": "lab", "prefix": "tbb"}, "edge": {"device": "cpu", "threads": 1},
-        "devices": [{**d, "data": "synthetic"} for d in DEVICES],
+        "devices": [{**d, "data": "synthetic"} for d in parse_devices(args.devices)],
         "planner": {"algorithm": algorithm, "splits": "per-device", "resplit": False, "profile_links": True,
                     "probe_interval": "0s", **profiles},
         "workload": {"batch_size": args.batch, "requests": args.requests},
@@ -64,7 +70,8 @@ def run_one(algorithm: str, tmp: Path, weights: Path, profiles: dict[str, str], 
     if proc.returncode != 0:
         raise RuntimeError(f"{algorithm}: testbed run failed: {proc.stderr[-1500:]}")
     summary = json.loads(proc.stdout)
-    first = json.loads((out / "decisions.jsonl").read_text().splitlines()[0])
+    records = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r.get("event") == "evaluation")  # after the link measurements
     devices = {}
     for name, plan in first["plan"].items():
         measured = summary["devices"][name]
@@ -81,6 +88,7 @@ def run_one(algorithm: str, tmp: Path, weights: Path, profiles: dict[str, str], 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=40, help="requests per device")
+    p.add_argument("--devices", default=DEVICES, help="CLASS:LINK per device, comma-separated")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--edge-idle-ms", type=float, default=20.0)
     p.add_argument("--json", type=Path)
@@ -116,7 +124,7 @@ def main() -> int:
     for r in rows:
         r["measured_vs_lscra"] = round(r["measured_round_ms"] / lscra["measured_round_ms"], 3)
         r["predicted_vs_lscra"] = round(r["predicted_round_ms"] / lscra["predicted_round_ms"], 3)
-    summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "devices": DEVICES,
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "devices": parse_devices(args.devices),
                "loadavg_start": [round(x, 2) for x in load_start],
                "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                "args": vars(args) | {"json": str(args.json)}}

@@ -25,6 +25,7 @@ The file format (YAML or JSON; times in seconds ``*_s`` or milliseconds ``*_ms``
         delay: 5ms               # one way; or rtt: 10ms, or delay_s
         memory: 512MiB           # optional; or memory_bytes / memory_mb
         edge_request: 0.8ms      # optional: the edge's fixed handling of one request; or edge_request_s
+        uplink_burst: 36KiB      # optional: bytes of a message the link's token bucket passes at no cost
 
 Human units ("20mbit", "5ms", "512MiB") are parsed here, at the config boundary, and nowhere else.
 """
@@ -126,7 +127,8 @@ def _int_list(d: dict[str, Any], key: str, where: str, length: int | None) -> tu
 _MODEL_KEYS = {"name", "act_bytes", "param_bytes", "tail_call_s", "tail_call_ms", "body_call_s", "body_call_ms"} | {
     f"{b}_{u}" for b in ("fwd", "bwd", "edge_fwd", "edge_bwd") for u in ("s", "ms")}
 _DEVICE_KEYS = {"name", "count", "speed", "uplink", "uplink_bps", "downlink", "downlink_bps", "delay", "delay_s",
-                "rtt", "rtt_s", "memory", "memory_bytes", "memory_mb", "edge_request", "edge_request_s"}
+                "rtt", "rtt_s", "memory", "memory_bytes", "memory_mb", "edge_request", "edge_request_s",
+                "uplink_burst", "uplink_burst_bytes", "downlink_burst", "downlink_burst_bytes"}
 _TOP_KEYS = {"mode", "batches_per_round", "min_head", "min_tail", "model", "devices"}
 
 
@@ -190,6 +192,10 @@ def _devices_from_list(items: Any) -> tuple[DeviceProfile, ...]:
         key = _one_of(d, ("edge_request", "edge_request_s"), where)
         if key is not None:
             kw["edge_request_s"] = parse_seconds(d[key], f"{where} {key}")
+        for direction in ("uplink", "downlink"):
+            key = _one_of(d, (f"{direction}_burst", f"{direction}_burst_bytes"), where)
+            if key is not None:
+                kw[f"{direction}_burst_bytes"] = parse_bytes(d[key], f"{where} {key}")
         key = _one_of(d, ("memory", "memory_bytes", "memory_mb"), where)
         if key == "memory_mb":
             kw["memory_bytes"] = int(parse_bytes(d[key], f"{where} {key}") * 2**20)
@@ -254,6 +260,9 @@ def problem_to_dict(problem: PlanningProblem) -> dict[str, Any]:
             item["memory_bytes"] = d.memory_bytes
         if d.edge_request_s:
             item["edge_request_s"] = d.edge_request_s
+        for key in ("uplink_burst_bytes", "downlink_burst_bytes"):
+            if getattr(d, key):
+                item[key] = getattr(d, key)
         devices.append(item)
     return {
         "mode": problem.mode,

@@ -158,6 +158,9 @@ class DeviceProfile:
     ``edge_request_s`` is the edge's fixed handling of one request from this device, beyond a plain echo of the
     same bytes (hand-off from the I/O thread to the compute thread, copy of the activations, wake-up, reply),
     as measured over this device's path; 0 when not measured. It is latency, not edge work: no share divides it.
+    ``uplink_burst_bytes``/``downlink_burst_bytes``: what a message passes of the link's token bucket at no cost
+    (a shaped link's burst; a message of ``n`` bytes takes ``max(0, n - burst) * 8 / rate``); 0 when not measured.
+    Every message is taken to find the bucket full: they are further apart than ``burst / rate``.
     """
 
     name: str
@@ -167,9 +170,16 @@ class DeviceProfile:
     delay_s: float = 0.0
     memory_bytes: int | None = None
     edge_request_s: float = 0.0
+    uplink_burst_bytes: int = 0
+    downlink_burst_bytes: int = 0
 
     def __post_init__(self) -> None:
         owner = f"device {self.name!r}"
+        for name in ("uplink_burst_bytes", "downlink_burst_bytes"):
+            v = getattr(self, name)
+            if not (isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0):
+                raise PlanningError(f"{owner}: {name} = {v!r} must be an integer >= 0")
+            object.__setattr__(self, name, int(v))
         for name in ("speed", "uplink_bps", "downlink_bps"):
             v = getattr(self, name)
             if not (_is_number(v) and math.isfinite(v) and v > 0):
@@ -293,22 +303,27 @@ def device_time(problem: PlanningProblem, i: int, a: int, b: int, share: float) 
         raise PlanningError(f"share must be a number >= 0, got {share!r}")
     training = problem.mode == "training"
     k = problem.batches_per_round
-    up = 8.0 / dev.uplink_bps
-    down = 8.0 / dev.downlink_bps
     edge = a < b
+
+    def up(p: int) -> float:  # one message of act_bytes[p] up, its delay included
+        return max(0, m.act_bytes[p] - dev.uplink_burst_bytes) * 8.0 / dev.uplink_bps + dev.delay_s
+
+    def down(p: int) -> float:
+        return max(0, m.act_bytes[p] - dev.downlink_burst_bytes) * 8.0 / dev.downlink_bps + dev.delay_s
+
     st: dict[str, float] = {}
     st["head_fwd"] = math.fsum(m.fwd_s[:a]) / dev.speed
-    st["uplink_act"] = m.act_bytes[a] * up + dev.delay_s if edge else 0.0
+    st["uplink_act"] = up(a) if edge else 0.0
     st["edge_request"] = edge_requests(problem, a, b) * (dev.edge_request_s + m.body_call_s)
     st["body_fwd"] = body_time(math.fsum(m.edge_fwd_s[a:b]), share) if edge else 0.0
-    st["downlink_act"] = m.act_bytes[b] * down + dev.delay_s if edge else 0.0
+    st["downlink_act"] = down(b) if edge else 0.0
     st["tail_call"] = m.tail_call_s / dev.speed if b < L else 0.0
     st["tail_fwd"] = math.fsum(m.fwd_s[b:]) / dev.speed
     if training:
         st["tail_bwd"] = math.fsum(m.bwd_s[b:]) / dev.speed
-        st["uplink_grad"] = m.act_bytes[b] * up + dev.delay_s if edge and b < L else 0.0
+        st["uplink_grad"] = up(b) if edge and b < L else 0.0
         st["body_bwd"] = body_time(math.fsum(m.edge_bwd_s[a:b]), share) if edge else 0.0
-        st["downlink_grad"] = m.act_bytes[a] * down + dev.delay_s if edge and a > 0 else 0.0
+        st["downlink_grad"] = down(a) if edge and a > 0 else 0.0
         st["head_bwd"] = math.fsum(m.bwd_s[:a]) / dev.speed
     st = {name: v * k for name, v in st.items()}
     return math.fsum(st.values()), st
@@ -363,18 +378,24 @@ def cost_tensor(problem: PlanningProblem) -> tuple[np.ndarray, np.ndarray, np.nd
     speed = np.array([d.speed for d in devs])[:, None]
     up = (8.0 / np.array([d.uplink_bps for d in devs]))[:, None]
     down = (8.0 / np.array([d.downlink_bps for d in devs]))[:, None]
+    up_burst = np.array([d.uplink_burst_bytes for d in devs], dtype=float)[:, None]
+    down_burst = np.array([d.downlink_burst_bytes for d in devs], dtype=float)[:, None]
     delay = np.array([d.delay_s for d in devs])[:, None]
     edge = (a < b)[None, :]
     dev_work = fwd[a] + (fwd[L] - fwd[b])
     body = efwd[b] - efwd[a]
-    xfer = act[a] * up + act[b] * down + 2 * delay
+
+    def sent(p: np.ndarray, burst: np.ndarray) -> np.ndarray:  # bytes past each device's token bucket, (N, P)
+        return np.maximum(act[p][None, :] - burst, 0.0)
+
+    xfer = sent(a, up_burst) * up + sent(b, down_burst) * down + 2 * delay
     if problem.mode == "training":
         bwd = np.concatenate([zero, np.cumsum(np.asarray(m.bwd_s, dtype=float))])
         ebwd = np.concatenate([zero, np.cumsum(np.asarray(m.edge_bwd_s, dtype=float))])
         dev_work = dev_work + bwd[a] + (bwd[L] - bwd[b])
         body = body + (ebwd[b] - ebwd[a])
         # 1 <= a and b <= L - 1 for every candidate, so both gradients always cross.
-        xfer = xfer + act[b] * up + act[a] * down + 2 * delay
+        xfer = xfer + sent(b, up_burst) * up + sent(a, down_burst) * down + 2 * delay
     k = problem.batches_per_round
     # Fixed costs: every candidate has a tail (b <= L - min_tail), so it pays the tail's call; an edge user pays
     # the edge's request handling once per request (edge_requests: 1, or 2 in training, where b < L always).

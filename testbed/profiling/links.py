@@ -46,7 +46,8 @@ from testbed.profiling.store import LinkMeasurement, ProfileError, Stat, utc_now
 from testbed.wire import channel
 from testbed.wire.envelope import DEFAULT_LIMITS, Envelope, Kind, WireError, WireLimits
 
-__all__ = ["DEFAULT_SIZES", "EchoTarget", "empty_body_echo", "fit_rate_bps", "measure_link"]
+__all__ = ["DEFAULT_SIZES", "EchoTarget", "burst_bytes", "empty_body_echo", "fit_rate_bps", "fit_tail_line",
+           "measure_link"]
 
 #: Payload sizes (bytes) of the throughput probes.
 DEFAULT_SIZES: tuple[int, ...] = (64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
@@ -91,6 +92,25 @@ def fit_rate_bps(sizes: Sequence[int], seconds: Sequence[float]) -> float:
         raise ProfileError("a rate needs at least two different sizes")
     slope = float(np.polyfit(x, y, 1)[0])
     return 8.0 / slope if slope > 0 else math.inf
+
+
+def fit_tail_line(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, float] | None:
+    """Slope (seconds per byte) and intercept (seconds) of the line through the two largest sizes' times; None
+    with fewer than two sizes or a slope that is not positive (noise)."""
+    pairs = sorted(zip(sizes, seconds, strict=True))
+    if len(pairs) < 2:
+        return None
+    (s1, t1), (s2, t2) = pairs[-2], pairs[-1]
+    slope = (t2 - t1) / (s2 - s1)
+    return (slope, t2 - slope * s2) if slope > 0 else None
+
+
+def burst_bytes(empty_s: float, line: tuple[float, float], ceiling: int) -> int:
+    """Bytes a message passes at no cost (a token bucket's burst): how far ``line``'s intercept lies below the
+    empty message's time, at the line's rate; 0 to ``ceiling`` (the second largest size: beyond it the line
+    was fitted)."""
+    slope, intercept = line
+    return int(min(ceiling, max(0.0, (empty_s - intercept) / slope)))
 
 
 class _Peer:
@@ -313,7 +333,18 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
     rtt_stat = Stat.of(rtt)
     up_stats = tuple(Stat.of(s) for s in up)
     xs = [0, *sizes]
-    up_bps = fit_rate_bps(xs, [rtt_stat.median, *(s.median for s in up_stats)])
+    # A shaped link passes a message's first bytes at no cost after idle (its token bucket's burst) and the rest
+    # at its rate: t(n) = t0 + max(0, n - burst) / rate. The rate is the slope between the two largest sizes
+    # (beyond the burst when the sizes are large enough), the burst how far that line starts below t0. With one
+    # size, or a noisy slope, a line through the empty message and every size, and no burst.
+    up_line = fit_tail_line(sizes, [s.median for s in up_stats])
+    ceiling = sorted(sizes)[-2] if len(sizes) > 1 else 0
+    up_burst = 0
+    if up_line is not None:
+        up_bps = 8.0 / up_line[0]
+        up_burst = burst_bytes(rtt_stat.median, up_line, ceiling)
+    else:
+        up_bps = fit_rate_bps(xs, [rtt_stat.median, *(s.median for s in up_stats)])
     if not math.isfinite(up_bps):
         raise ProfileError(f"cannot resolve the uplink rate to {endpoint}: the largest payload ({sizes[-1]} bytes) "
                            "took no longer than an empty message; measure with larger sizes")
@@ -322,13 +353,23 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
         notes.append(f"time budget reached after {done_rounds} of {count} rounds")
     echo_stats = None
     down_bps: float | None = None
+    down_burst = 0
     if back is not None:
         echo_stats = tuple(Stat.of(s) for s in back)
-        both_bps = fit_rate_bps(xs, [rtt_stat.median, *(s.median for s in echo_stats)])
-        inv_down = 8.0 / both_bps - 8.0 / up_bps
+        both_line = fit_tail_line(sizes, [s.median for s in echo_stats])
+        if up_line is not None and both_line is not None:
+            # Up and back: slope_up + slope_down; the echo's line starts below t0 by both bursts' worth.
+            inv_down = both_line[0] - up_line[0]
+            if inv_down > 0:
+                free_s = max(0.0, rtt_stat.median - both_line[1]) - up_burst * up_line[0]
+                down_burst = int(min(ceiling, max(0.0, free_s / inv_down)))
+        else:
+            both_bps = fit_rate_bps(xs, [rtt_stat.median, *(s.median for s in echo_stats)])
+            inv_down = 8.0 / both_bps - 8.0 / up_bps
         if inv_down > 0:
             down_bps = 8.0 / inv_down
         else:
+            down_burst = 0
             notes.append("downlink not resolved: an echo cost no more than the uplink alone (noise)")
     else:
         notes.append("downlink not measured: the edge does not echo payloads (see docs/profiling.md)")
@@ -365,4 +406,6 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
         edge_request_s=edge_request_s,
         request_residence=request_residence,
         request_echo_residence=request_echo_residence,
+        uplink_burst_bytes=up_burst,
+        downlink_burst_bytes=down_burst if down_bps is not None else 0,
     )

@@ -42,7 +42,7 @@ from testbed.profiling.store import (
     to_model_profile,
 )
 
-__all__ = ["LinkLike", "ProfileLike", "build_problem", "device_speed", "link_rates", "link_request_s",
+__all__ = ["LinkLike", "ProfileLike", "build_problem", "device_speed", "link_bursts", "link_rates", "link_request_s",
            "resolve_link"]
 
 ProfileLike = str | Path | BlockProfile
@@ -133,6 +133,13 @@ def link_request_s(link: LinkProfile | LinkMeasurement) -> float:
     return 0.0
 
 
+def link_bursts(link: LinkProfile | LinkMeasurement) -> tuple[int, int]:
+    """``(uplink, downlink)`` bytes a message passes of the link's token bucket at no cost: measured, or 0."""
+    if isinstance(link, LinkMeasurement):
+        return link.uplink_burst_bytes, link.downlink_burst_bytes
+    return 0, 0
+
+
 def device_speed(profile: BlockProfile, device_class: DeviceClass | None) -> float:
     """How fast a device of ``device_class`` runs the profile's device times (1.0 without a class)."""
     if device_class is None:
@@ -210,9 +217,11 @@ def build_problem(
             mem = cls.memory_mb * 2**20
         name = f"{cls.name if cls else 'device'}-{_link_name(resolved[k])}-{i:0{width}d}"
         try:
+            up_burst, down_burst = link_bursts(resolved[k])
             profiles.append(DeviceProfile(name=name, speed=device_speed(dev_prof, cls), uplink_bps=up,
                                           downlink_bps=down, delay_s=delay, memory_bytes=mem,
-                                          edge_request_s=link_request_s(resolved[k])))
+                                          edge_request_s=link_request_s(resolved[k]),
+                                          uplink_burst_bytes=up_burst, downlink_burst_bytes=down_burst))
         except PlanningError as exc:
             raise ProfileError(str(exc)) from None
     try:

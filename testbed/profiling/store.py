@@ -321,6 +321,11 @@ class LinkMeasurement:
     (optional; files before them lack them) are the times the same two messages spent inside the edge
     (``edge_send_ns - edge_recv_ns``, the edge's clock); when present, ``edge_request_s`` is the excess of their
     medians instead, which carries no link noise.
+
+    ``uplink_burst_bytes``/``downlink_burst_bytes``: what a message passes of a shaped link's token bucket at no
+    cost after the link idled (an HTB or tbf burst lets its first bytes through unshaped): the rates are fitted
+    on the two largest sizes, and the burst is how far that line's intercept lies below the empty round trip,
+    in bytes at that rate (0: none seen, or a single size). Files before them load with 0.
     """
 
     endpoint: str
@@ -340,9 +345,16 @@ class LinkMeasurement:
     edge_request_s: float | None = None
     request_residence: Stat | None = None
     request_echo_residence: Stat | None = None
+    uplink_burst_bytes: int = 0
+    downlink_burst_bytes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
+        for name in ("uplink_burst_bytes", "downlink_burst_bytes"):
+            v = getattr(self, name)
+            if not (_is_int(v) and v >= 0):
+                raise ProfileError(f"link measurement: {name} = {v!r} must be an integer >= 0")
+            object.__setattr__(self, name, int(v))
         object.__setattr__(self, "uplink_rtt", tuple(self.uplink_rtt))
         if not self.sizes or any(s < 1 for s in self.sizes):
             raise ProfileError("link measurement: sizes must be a non-empty list of byte counts >= 1")
@@ -583,6 +595,8 @@ def profile_to_dict(profile: BlockProfile | LinkMeasurement) -> dict[str, Any]:
             **({} if profile.request_residence is None or profile.request_echo_residence is None else {
                 "request_residence_ms": _stat_to(profile.request_residence),
                 "request_echo_residence_ms": _stat_to(profile.request_echo_residence)}),
+            "uplink_burst_bytes": profile.uplink_burst_bytes,
+            "downlink_burst_bytes": profile.downlink_burst_bytes,
             "notes": profile.notes,
         }
     if not isinstance(profile, BlockProfile):
@@ -619,7 +633,8 @@ _BLOCK_KEYS = ("format", "kind", "created", "model", "measurement", "reference",
                "act_bytes_per_sample", "param_bytes", "batches")
 _LINK_KEYS = ("format", "kind", "created", "endpoint", "host", "rtt_ms", "delay_ms", "uplink_bps", "downlink_bps",
               "downlink_method", "sizes_bytes", "uplink_rtt_ms", "echo_rtt_ms", "request_bytes", "request_rtt_ms",
-              "request_echo_rtt_ms", "edge_request_ms", "request_residence_ms", "request_echo_residence_ms", "notes")
+              "request_echo_rtt_ms", "edge_request_ms", "request_residence_ms", "request_echo_residence_ms", "notes",
+              "uplink_burst_bytes", "downlink_burst_bytes")
 
 
 def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
@@ -655,6 +670,8 @@ def _link_from(d: Mapping[str, Any], r: _Reader) -> LinkMeasurement:
             request_residence=None if residence is None else r.stat(residence, "request_residence_ms"),
             request_echo_residence=None if echo_residence is None else r.stat(echo_residence,
                                                                               "request_echo_residence_ms"),
+            uplink_burst_bytes=r.int_(d.get("uplink_burst_bytes", 0), "uplink_burst_bytes"),
+            downlink_burst_bytes=r.int_(d.get("downlink_burst_bytes", 0), "downlink_burst_bytes"),
         )
     except ProfileError as exc:
         if str(exc).startswith(r.where):

@@ -75,6 +75,8 @@ def raw_problems(draw, max_devices: int = 3, max_blocks: int = 6) -> PlanningPro
             delay_s=draw(st.one_of(st.just(0.0), st.floats(0, 0.02))),
             memory_bytes=memory,
             edge_request_s=draw(st.one_of(st.just(0.0), st.floats(0, 0.01))),
+            uplink_burst_bytes=draw(st.one_of(st.just(0), st.integers(0, 10**5))),
+            downlink_burst_bytes=draw(st.one_of(st.just(0), st.integers(0, 10**5))),
         ))
     prob = PlanningProblem(model, tuple(devices), min_head=min_head, min_tail=min_tail, mode=mode,
                            batches_per_round=draw(st.integers(1, 3)))

@@ -165,6 +165,35 @@ def test_the_body_wake_up_is_paid_once_per_request_and_not_divided_by_the_share(
                     assert A[i, p] - A0[i, p] == pytest.approx(2 * requests * 0.0007, abs=1e-12)
 
 
+def test_a_token_bucket_burst_passes_the_first_bytes_of_every_message_at_no_cost() -> None:
+    base = problem()
+    dev = dataclasses.replace(base.devices[0], uplink_burst_bytes=1500, downlink_burst_bytes=10**9)
+    bursty = dataclasses.replace(base, devices=(dev,))
+    _, before = device_time(base, 0, 1, 3, 0.5)
+    _, st = device_time(bursty, 0, 1, 3, 0.5)
+    m = base.model
+    assert st["uplink_act"] == pytest.approx(before["uplink_act"] - 1500 * 8 / dev.uplink_bps)
+    assert st["downlink_act"] == pytest.approx(dev.delay_s)  # the whole message fits the bucket
+    assert m.act_bytes[1] > 1500
+    training = dataclasses.replace(bursty, mode="training")
+    _, st = device_time(training, 0, 1, 3, 0.5)
+    assert st["uplink_grad"] == pytest.approx(max(0, m.act_bytes[3] - 1500) * 8 / dev.uplink_bps + dev.delay_s)
+    assert st["downlink_grad"] == pytest.approx(dev.delay_s)
+    for mode in ("inference", "training"):
+        rnd = random_problem(9, 3, 6, mode, batches_per_round=2)
+        prob = dataclasses.replace(rnd, devices=tuple(
+            dataclasses.replace(d, uplink_burst_bytes=500 * i, downlink_burst_bytes=20_000 * i)
+            for i, d in enumerate(rnd.devices)))
+        splits, A, S = cost_tensor(prob)
+        for i in range(prob.n_devices):
+            for p, (a, b) in enumerate(splits):
+                if np.isfinite(A[i, p]):
+                    assert A[i, p] + S[i, p] / 0.7 == pytest.approx(
+                        device_time(prob, i, int(a), int(b), 0.7)[0], rel=1e-12)
+    with pytest.raises(PlanningError, match="uplink_burst_bytes"):
+        dataclasses.replace(DEV, uplink_burst_bytes=-1)
+
+
 def test_fixed_costs_are_validated() -> None:
     with pytest.raises(PlanningError, match="body_call_s"):
         dataclasses.replace(MODEL, body_call_s=-1e-3)
@@ -359,13 +388,15 @@ def test_fixed_costs_in_the_planning_input(tmp_path) -> None:
     path = tmp_path / "p.json"
     path.write_text(json.dumps(problem_to_dict(prob)))
     assert load_problem(path) == prob
-    text = YAML.replace("count: 2", "count: 2\n    edge_request: 0.8ms").replace(
+    text = YAML.replace("count: 2", "count: 2\n    edge_request: 0.8ms\n    uplink_burst: 36KiB").replace(
         "act_bytes: [1000", "tail_call_ms: 0.15\n  body_call_ms: 0.4\n  act_bytes: [1000")
     yaml_path = tmp_path / "p.yaml"
     yaml_path.write_text(text)
     loaded = load_problem(yaml_path)
     assert loaded.model.tail_call_s == pytest.approx(0.00015) and loaded.model.body_call_s == pytest.approx(0.0004)
     assert [d.edge_request_s for d in loaded.devices] == pytest.approx([0.0008, 0.0008, 0.0])  # pi x2, orin
+    assert [d.uplink_burst_bytes for d in loaded.devices] == [36 * 1024, 36 * 1024, 0]
+    assert load_problem(_dump(tmp_path, loaded)) == loaded  # bursts survive the JSON form
 
 
 @pytest.mark.parametrize(
@@ -395,3 +426,9 @@ def test_missing_file(tmp_path) -> None:
 def test_problem_from_dict_needs_devices() -> None:
     with pytest.raises(PlanningError, match="devices"):
         problem_from_dict({"model": problem_to_dict(problem())["model"]})
+
+
+def _dump(tmp_path, prob: PlanningProblem):
+    path = tmp_path / "dumped.json"
+    path.write_text(json.dumps(problem_to_dict(prob)))
+    return path

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from testbed.cli.errors import friendly_errors
 from testbed.cli.profile import profile as profile_command
-from testbed.profiling.links import empty_body_echo, fit_rate_bps, measure_link
+from testbed.profiling.links import burst_bytes, empty_body_echo, fit_rate_bps, fit_tail_line, measure_link
 from testbed.profiling.store import ProfileError, load_link_measurement
 from testbed.wire import channel
 from testbed.wire.envelope import Envelope, Kind
@@ -29,6 +29,27 @@ def test_fit_rate() -> None:
     assert fit_rate_bps([0, 10], [1.0, 1.0]) == float("inf")
     with pytest.raises(ProfileError):
         fit_rate_bps([5], [1.0])
+
+
+def test_token_bucket_burst_and_rate_from_the_largest_sizes() -> None:
+    """A shaped link passes a message's first `burst` bytes at no cost: t(n) = t0 + max(0, n - burst) * 8 / rate.
+    The line through the two largest sizes gives the rate; its intercept below t0 the burst."""
+    t0, rate, burst = 6.8e-3, 214e6, 36_000
+
+    def t(n: int) -> float:
+        return t0 + max(0, n - burst) * 8 / rate
+
+    sizes = [16_384, 131_072, 524_288]
+    line = fit_tail_line(sizes, [t(n) for n in sizes])
+    assert line is not None and 8 / line[0] == pytest.approx(rate)
+    assert burst_bytes(t0, line, ceiling=131_072) == pytest.approx(burst, abs=1)
+    # A least-squares line through the empty message and every size (the rate before) overstates the rate.
+    assert fit_rate_bps([0, *sizes], [t0, *(t(n) for n in sizes)]) > rate * 1.02
+    # No bucket: no burst; a burst never exceeds the second largest size; noise (a falling slope) gives no line.
+    plain = [t0 + n * 8 / rate for n in sizes]
+    assert burst_bytes(t0, fit_tail_line(sizes, plain), ceiling=131_072) == 0
+    assert burst_bytes(1.0, (1e-9, 0.0), ceiling=1000) == 1000
+    assert fit_tail_line(sizes, [3.0, 2.0, 1.0]) is None and fit_tail_line([4096], [1.0]) is None
 
 
 def test_uplink_and_round_trip_against_the_edge(edge_server) -> None:

@@ -170,6 +170,15 @@ def test_fixed_costs_round_trip_and_older_files_load(tmp_path: Path) -> None:
                        (stamped.request_residence, stamped.request_echo_residence))
     with pytest.raises(ProfileError, match="request_residence"):
         dataclasses.replace(stamped, request_echo_residence=None)
+    bursty = dataclasses.replace(make_link(), uplink_burst_bytes=36_000, downlink_burst_bytes=3000)
+    back_bursty = load_link_measurement(save_profile(bursty, tmp_path / "b.yaml"))
+    assert (back_bursty.uplink_burst_bytes, back_bursty.downlink_burst_bytes) == (36_000, 3000)
+    with pytest.raises(ProfileError, match="uplink_burst_bytes"):
+        dataclasses.replace(bursty, uplink_burst_bytes=-1)
+    old_link = profile_to_dict(make_link())
+    for key in ("uplink_burst_bytes", "downlink_burst_bytes"):
+        del old_link[key]
+    assert profile_from_dict(old_link).uplink_burst_bytes == 0
     old_link = profile_to_dict(make_link())
     for key in ("request_bytes", "request_rtt_ms", "request_echo_rtt_ms", "edge_request_ms"):
         del old_link[key]
