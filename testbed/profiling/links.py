@@ -360,16 +360,14 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
         if up_line is not None and both_line is not None:
             # Up and back: slope_up + slope_down; the echo's line starts below t0 by both bursts' worth.
             inv_down = both_line[0] - up_line[0]
-            if inv_down > 0:
-                free_s = max(0.0, rtt_stat.median - both_line[1]) - up_burst * up_line[0]
-                down_burst = int(min(ceiling, max(0.0, free_s / inv_down)))
+            if inv_down > 0:  # the uplink's burst taken out, the rest of the gap is the downlink's
+                down_burst = burst_bytes(rtt_stat.median - up_burst * up_line[0], (inv_down, both_line[1]), ceiling)
         else:
             both_bps = fit_rate_bps(xs, [rtt_stat.median, *(s.median for s in echo_stats)])
             inv_down = 8.0 / both_bps - 8.0 / up_bps
         if inv_down > 0:
             down_bps = 8.0 / inv_down
         else:
-            down_burst = 0
             notes.append("downlink not resolved: an echo cost no more than the uplink alone (noise)")
     else:
         notes.append("downlink not measured: the edge does not echo payloads (see docs/profiling.md)")
@@ -407,5 +405,5 @@ def _measure(peer: _Peer, endpoint: str, sizes: list[int], count: int, warmup: i
         request_residence=request_residence,
         request_echo_residence=request_echo_residence,
         uplink_burst_bytes=up_burst,
-        downlink_burst_bytes=down_burst if down_bps is not None else 0,
+        downlink_burst_bytes=down_burst,
     )
