@@ -67,8 +67,8 @@ def test_the_profiler_measures_a_shaped_links_rate_and_token_bucket_burst(lab: L
     finally:
         edge.terminate()
         edge.wait(timeout=30)
-    # The rate between the two largest sizes is the shaped rate (goodput: a few % of headers below it) ...
-    assert 0.85 * 214e6 <= measured["uplink_bps"] <= 1.05 * 214e6, measured
+    # The rate between the two largest sizes is the shaped rate, within a few % (headers below, bucket noise above) ...
+    assert 0.85 * 214e6 <= measured["uplink_bps"] <= 1.08 * 214e6, measured
     # ... and the token bucket (two 13 kB TUN packets, GSO batches) passes tens of kB at no cost: the line through
     # the large sizes starts below the empty round trip. A 16 KiB message costs no more than an empty one.
     assert 8_000 <= measured["uplink_burst_bytes"] <= 256 * 1024, measured
