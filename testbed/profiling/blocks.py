@@ -18,13 +18,11 @@
   recording, then the backward of that block alone (``y.backward(grad)``, the gradient coming from the block
   above, parameter gradients included; the optimiser step is not timed).
 
-With ``idle_s > 0`` every timed call is made after that long an idle wait, as served work runs: a device's head
-after waiting for the edge's reply, the edge's body after waiting for the next request. On a shared machine
-caches go cold in such a wait (on the CI VM an idle 20 ms makes a 0.6 ms body take 1.5 ms), so back-to-back
-times underestimate what a request pays. Torch bodies then run on a thread of their own, handed over through a
-queue like the edge's compute thread, and the batch's ``call`` is the body's wake-up: the first block of a run
-after the wait, less its time inside a chain (block 0's time has it taken out), so that a body ``[a, b)`` costs
-its blocks plus one ``call`` whatever ``a`` is. Backward (training) ignores ``idle_s``.
+With ``idle_s > 0`` every timed call is made after that long an idle wait, as served work runs: the edge's body
+after waiting for the next request. On a shared machine caches go cold in such a wait (on the CI VM an idle
+20 ms makes a 0.6 ms body take 1.5 ms), so back-to-back times underestimate what a request pays. (A device's head
+follows its tail at once: profile devices back to back.) Torch bodies then run as the edge runs them
+(testbed.profiling.served), with the body's wake-up as the batch's ``call``. Backward (training) ignores ``idle_s``.
 
 Every repeat runs the whole chain (``block``: block ``i`` receives the real output of block ``i - 1``;
 ``prefix``: every prefix on the same input), in the order a real pass takes them. Each repeat also times the
@@ -40,9 +38,7 @@ import dataclasses
 import gc
 import math
 import os
-import queue
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -307,100 +303,6 @@ def _sync_for(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-class _ServingThread:
-    """Runs calls on a thread of its own, handed over through a queue, as the edge's compute thread runs bodies."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="profile-serving", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                self._results.put((True, job()))
-            except BaseException as exc:  # handed back to the caller, raised there
-                self._results.put((False, exc))
-
-    def run(self, job: Callable[[], Any]) -> Any:
-        self._jobs.put(job)
-        ok, value = self._results.get()
-        if not ok:
-            raise value
-        return value
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
-
-
-def _run_torch_served(model: BlockModel, batch_sizes: Sequence[int], device: torch.device, warmup: int,
-                      repeats: int, clock: Clock, counter: _Counter, idle_s: float) -> list[BatchTimings]:
-    """Torch inference as the edge serves it: each timed run after ``idle_s``, on a serving thread; the wake-up
-    of a run (``call``) measured apart from the blocks (see the module docstring)."""
-    model.eval()
-    sync = _sync_for(device)
-    gen = torch.Generator().manual_seed(0)
-    L = model.num_blocks
-    worker = _ServingThread()
-
-    def chain(x0: Tensor, start: int, stop: int) -> tuple[list[float], list[Tensor]]:
-        times, inputs = [], []
-        with torch.inference_mode():
-            x = x0
-            for i in range(start, stop):
-                inputs.append(x)
-                sync()
-                t0 = clock()
-                x = model.blocks[i](x)
-                sync()
-                times.append((clock() - t0) * 1e-9)
-        return times, inputs
-
-    def whole(x0: Tensor) -> float:
-        with torch.inference_mode():
-            sync()
-            t0 = clock()
-            model.run(x0, 0, L)
-            sync()
-            return (clock() - t0) * 1e-9
-
-    out = []
-    try:
-        for batch in batch_sizes:
-            x0 = torch.randn(batch, *model.input_shape, generator=gen).to(device)
-            samples = _Samples(L, training=False)
-            inputs: list[Tensor] = []
-            for rep in range(warmup + repeats):
-                timed = rep >= warmup
-                if timed:
-                    _idle(idle_s)
-                times, inputs = worker.run(lambda x0=x0: chain(x0, 0, L))
-                if timed:
-                    _idle(idle_s)
-                model_s = worker.run(lambda x0=x0: whole(x0))
-                if timed:
-                    for i, t in enumerate(times):
-                        samples.fwd[i].append(t)
-                    samples.model_fwd.append(model_s)
-                counter.step()
-            in_chain = [float(np.median(s)) for s in samples.fwd]
-            wake = []
-            for j in range(CALL_REPEATS):  # the first block of a run, for every start in turn
-                i = j % L
-                _idle(idle_s)
-                first, _ = worker.run(lambda i=i, x=inputs[i]: chain(x, i, i + 1))
-                wake.append(max(0.0, first[0] - in_chain[i]))
-            call = Stat.of(wake)
-            # Block 0 of every timed chain was a first block: its wake-up is the call's, not the block's.
-            samples.fwd[0] = [max(0.0, t - call.median) for t in samples.fwd[0]]
-            out.append(dataclasses.replace(samples.timings(batch), call=call))
-    finally:
-        worker.close()
-    return out
-
-
 def _run_torch_inference(model: BlockModel, batch_sizes: Sequence[int], device: torch.device, warmup: int,
                          repeats: int, clock: Clock, counter: _Counter) -> list[BatchTimings]:
     model.eval()
@@ -591,7 +493,9 @@ def profile_blocks(
             elif training:
                 batches = _run_torch_training(work, sizes, dev, warmup, repeats, clock, counter)
             elif idle_s > 0:
-                batches = _run_torch_served(work, sizes, dev, warmup, repeats, clock, counter, idle_s)
+                from testbed.profiling.served import run_torch_served  # it builds on this module's helpers
+
+                batches = run_torch_served(work, sizes, dev, warmup, repeats, clock, counter, idle_s)
             else:
                 batches = _run_torch_inference(work, sizes, dev, warmup, repeats, clock, counter)
     except TestbedError:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from testbed.lab.hosts import list_namespaces
 from testbed.lab.lab import Lab
-from testbed.lab.state import StateStore
 from testbed.net.link import load_link_profile
 
 from ..conftest import REPO
+from .conftest import fresh_lab
 
 pytestmark = [
     pytest.mark.netns,
@@ -32,13 +31,8 @@ PREFIX = "tbp"
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(StateStore(tmp_path / "state"), PREFIX)
-    lab.down()
-    try:
+    with fresh_lab(tmp_path / "state", PREFIX) as lab:
         yield lab
-    finally:
-        lab.down()
-        assert not [ns for ns in list_namespaces() if ns.startswith(f"{PREFIX}-")]
 
 
 def test_the_profiler_measures_a_shaped_links_rate_and_token_bucket_burst(lab: Lab, cnn_weights,

@@ -16,11 +16,11 @@ import pytest
 
 from testbed.lab.hosts import list_namespaces, pids_in_namespace
 from testbed.lab.lab import CONGESTION_CONTROLS, Lab, pin_congestion_control
-from testbed.lab.state import StateStore
 from testbed.lab.topology import LabError
 from testbed.net.link import DirectionSpec, LinkSpec
 
 from ..conftest import REPO
+from .conftest import fresh_lab
 
 pytestmark = [
     pytest.mark.netns,
@@ -69,13 +69,8 @@ print(json.dumps({"rtt_ms": sorted(rtts)[len(rtts) // 2], "mbit_s": rate, "conge
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(StateStore(tmp_path / "state"), PREFIX)
-    lab.down()  # a previous crashed run of this test
-    try:
+    with fresh_lab(tmp_path / "state", PREFIX) as lab:
         yield lab
-    finally:
-        lab.down()
-        assert not [ns for ns in list_namespaces() if ns.startswith(f"{PREFIX}-")]
 
 
 def probe(lab: Lab, device: str) -> dict[str, float]:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.lab.hosts import list_namespaces
 from testbed.lab.lab import Lab
-from testbed.lab.state import StateStore
 from testbed.net.link import DirectionSpec, LinkSpec
+
+from ..lab.conftest import fresh_lab
 
 pytestmark = [
     pytest.mark.netns,
@@ -32,13 +32,8 @@ DELAY_S = 0.004
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(StateStore(tmp_path / "state"), PREFIX)
-    lab.down()  # a previous crashed run of this test
-    try:
+    with fresh_lab(tmp_path / "state", PREFIX) as lab:
         yield lab
-    finally:
-        lab.down()
-        assert not [ns for ns in list_namespaces() if ns.startswith(f"{PREFIX}-")]
 
 
 def gone(pid: int) -> bool:
