@@ -48,15 +48,18 @@ UNWINDS = """
 import os, signal, sys, time
 from testbed.lifecycle import unwind_on_signals
 unwind_on_signals()
+ready_r, ready_w = os.pipe()
 child = os.fork()
 if child == 0:  # a fork that inherited the handler, like pyroute2's netns helper
     try:
+        os.write(ready_w, b"1")  # CPython drops a signal that arrives before fork() returns in the child
         time.sleep(60)
     finally:
         print("child ran the parent's clean-up", flush=True)  # must never happen
     os._exit(0)
-print(child, flush=True)
+os.read(ready_r, 1)
 try:
+    print(child, flush=True)  # inside the try: the test's SIGTERM may arrive as soon as this line is read
     time.sleep(60)
 except KeyboardInterrupt:
     print("parent interrupted", flush=True)
