@@ -12,8 +12,9 @@ head, body and tail; now and then a small message's round trip. From these, per 
 * **rates**: the fitted slope, or, with a single size, ``8 * bytes / (seconds - d)`` (median of the window).
   Without any delay information ``d = 0``: the rate then absorbs the delay, so the model still predicts the
   measured transfer time at the sizes in use (conservative for other sizes).
-* **compute speed**: profiled head + tail time (speed 1, from the model profile and the request's split) over
-  the measured one, per device; profiled body time over the measured one for the edge (one for all devices).
+* **compute speed**: profiled head + tail time (speed 1, from the model profile and the request's split, with the
+  tail session's fixed cost ``tail_call_s`` when there is a tail) over the measured one, per device; profiled body
+  time (with the body's wake-up ``body_call_s``) over the measured one for the edge (one for all devices).
 
 Robustness, then smoothing: each raw value is the median of a small window (one wild sample cannot move it;
 a real change moves it after ``window // 2 + 1`` samples), and the medians feed an exponentially weighted
@@ -330,7 +331,13 @@ class LiveEstimator:
         if timing.b > L:
             raise EstimateError(f"split ({timing.a}, {timing.b}) is outside the profiled model's {L} blocks")
         a, b = timing.a, timing.b
-        return fwd[a] + (fwd[L] - fwd[b]), efwd[b] - efwd[a]
+        m = self._model
+        assert m is not None  # set with the prefix sums
+        # The runtimes' fixed costs per call are in the measured times too: the tail session's (charged at the
+        # device's speed, as the latency model does) and the edge body's wake-up after idle.
+        device_s = fwd[a] + (fwd[L] - fwd[b]) + (m.tail_call_s if b < L else 0.0)
+        body_s = efwd[b] - efwd[a] + (m.body_call_s if a < b else 0.0)
+        return device_s, body_s
 
     def observe_rtt(self, device: str, rtt_s: float, now: float) -> None:
         """A small message's round trip: half of it is the one-way delay, unless a fit knows better."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -183,6 +184,23 @@ def test_compute_speeds_against_the_profile() -> None:
     assert edge.speed == pytest.approx(2.0) and edge.name == "edge"
     assert est.speeds(10.0)["dev1"] == dev
     assert est.device_speed("nobody", 10.0).speed is None
+
+
+def test_compute_speeds_count_the_runtimes_fixed_costs_per_call() -> None:
+    """A device and an edge exactly as profiled, whose measured times include the tail session's fixed cost and
+    the body's wake-up: speed 1 at every split (without the fixed costs in the profiled times a one-block head
+    would read as 0.71 of its profile, and the re-planner would charge the fixed cost twice)."""
+    model = dataclasses.replace(_model(), tail_call_s=0.002, body_call_s=0.0005)
+    for a, b in [(1, 3), (1, 2), (2, 3), (1, 4), (0, 3)]:
+        est = LiveEstimator(model=model)
+        head_s = sum(model.fwd_s[:a])
+        tail_s = sum(model.fwd_s[b:]) + (model.tail_call_s if b < 4 else 0.0)
+        body_s = sum(model.edge_fwd_s[a:b]) + model.body_call_s
+        for k in range(20):
+            est.observe("dev1", RequestTiming(1000, 0.001, 100, 0.001, head_s=head_s, tail_s=tail_s, body_s=body_s,
+                                              a=a, b=b), now=k * 0.1)
+        assert est.device_speed("dev1", 2.0).speed == pytest.approx(1.0), (a, b)
+        assert est.edge_speed(2.0).speed == pytest.approx(1.0), (a, b)
 
 
 def test_unknown_devices_and_forgetting() -> None:
