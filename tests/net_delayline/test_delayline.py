@@ -26,14 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.net.delayline import (
-    ControlHandler,
-    ControlServer,
-    DelayLine,
-    Direction,
-    Impairment,
-    control_request,
-)
+from testbed.net.delayline import ControlServer, DelayLine, control_request
+from testbed.net.delayqueue import ControlHandler, Direction, Impairment
 from tests.conftest import REPO, stop_process, wait_for_file
 
 EDGE_IP = "10.254.77.1"

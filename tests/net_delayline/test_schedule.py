@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testbed.net.delayline import (
+from testbed.net.delayline import parse_args
+from testbed.net.delayqueue import (
     PPM,
     ControlHandler,
     Direction,
     Impairment,
-    parse_args,
     schedule,
 )
 
