@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests check properties, not speed: no per-example deadline (Hypothesis' default 200 ms fails a test on a
+# loaded CI machine that merely paused it). Tests that set their own settings keep them.
+settings.register_profile("testbed", deadline=None)
+settings.load_profile("testbed")
 
 
 @dataclass(frozen=True)

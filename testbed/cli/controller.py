@@ -33,16 +33,18 @@ def serve(
     from testbed.controller.api import Controller
 
     console = Console(stderr=as_json)
-    with Controller(bind, heartbeat_s=heartbeat_s, missed_beats=missed_beats, run_dir=run_dir) as ctl:
-        ctl.on_change(lambda c: console.print(f"{c.node} ({c.role}): {c.kind}", highlight=False))
-        if as_json:  # one line, flushed: a parent process reads it to learn where to connect
-            print(json.dumps({"endpoint": ctl.endpoint, "pid": os.getpid(), "run_dir": str(run_dir.resolve())}),
-                  flush=True)
-        else:
-            console.print(f"controller listening on {ctl.endpoint}; {run_dir / 'controller.json'} written",
-                          highlight=False)
-        try:
+    # SIGTERM and SIGINT arrive as KeyboardInterrupt (testbed.cli.main). The whole life of the controller is inside
+    # the try: a parent that reads the JSON line (or controller.json) may stop it at once, and that is a clean stop.
+    try:
+        with Controller(bind, heartbeat_s=heartbeat_s, missed_beats=missed_beats, run_dir=run_dir) as ctl:
+            ctl.on_change(lambda c: console.print(f"{c.node} ({c.role}): {c.kind}", highlight=False))
+            if as_json:  # one line, flushed: a parent process reads it to learn where to connect
+                print(json.dumps({"endpoint": ctl.endpoint, "pid": os.getpid(), "run_dir": str(run_dir.resolve())}),
+                      flush=True)
+            else:
+                console.print(f"controller listening on {ctl.endpoint}; {run_dir / 'controller.json'} written",
+                              highlight=False)
             while True:
                 time.sleep(0.5)
-        except KeyboardInterrupt:  # SIGTERM and SIGINT arrive as KeyboardInterrupt (testbed.cli.main)
-            console.print("controller stopping")
+    except KeyboardInterrupt:
+        console.print("controller stopping")

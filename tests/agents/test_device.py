@@ -97,11 +97,11 @@ def test_slowdown_stretches_head_and_tail_on_the_device(cnn_weights, onnx_cache,
     x = np.random.default_rng(5).standard_normal((64, *model.input_shape), dtype=np.float32)
     np.savez(data, x=x, y=np.zeros(64, np.int64))
     pid = str(PartitionId(cnn_weights.weights_hash, 5, 8))
-    medians = {}
+    fastest = {}  # the quickest head of each run: load on this machine only ever lengthens a timing
     for factor in ("1", "4"):
         proc, out = run_agent(tmp_path, edge_server.endpoint, head, tail, pid, data, "--slowdown", factor)
         assert proc.returncode == 0, proc.stderr
-        medians[factor] = float(np.median(json.loads(out.read_text())["stages_ms"]["head"]))
-    assert 3.0 <= medians["4"] / medians["1"] <= 5.5, medians
+        fastest[factor] = min(json.loads(out.read_text())["stages_ms"]["head"])
+    assert 3.0 <= fastest["4"] / fastest["1"] <= 5.5, fastest
     bad, _ = run_agent(tmp_path, edge_server.endpoint, head, tail, pid, data, "--slowdown", "0.5")
     assert bad.returncode == 2 and "--slowdown" in bad.stderr

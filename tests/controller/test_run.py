@@ -99,20 +99,27 @@ def test_a_run_can_plan_with_a_baseline_instead_of_lscra(cnn_weights, tmp_path: 
 
 
 @pytest.mark.slow
-def test_a_run_with_profile_links_plans_on_the_links_its_agents_measured(cnn_weights, tmp_path: Path) -> None:
+def test_a_run_with_profile_links_plans_on_the_links_its_agents_measured(cnn_weights, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """planner.profile_links on loopback: the agent measures its link to the edge before the first plan, the
     measurement lands in OUTPUT/profiles/ in the profile store's format, and the initial plan used it."""
+    from testbed.controller import run as run_module
+    from testbed.controller.runspec import load_runspec
     from testbed.profiling.problem import link_rates
     from testbed.profiling.store import load_link_measurement
 
+    # Loopback moves 256 KiB in about as long as it takes to schedule the echo: on a loaded machine the sizes a
+    # shaped link needs (16 KiB, 256 KiB) can leave the downlink unresolved, and the run rightly falls back to
+    # the nominal link. Sizes that take measurable time on loopback (run in-process to set them).
+    monkeypatch.setitem(run_module.PROFILE_ARGS, "sizes", [1 << 20, 4 << 20])
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "prof.yaml", name="prof", weights=str(cnn_weights.path), placement="loopback",
                       edge={"device": "cpu"}, devices=[{"id": "dev1", "data": "synthetic"}],
                       planner={**PROFILES, "profile_links": True, "probe_interval": "0s", "resplit": False},
-                      workload={"batch_size": 8, "requests": 10, "rate": 40}, output=str(out))
-    proc = run_cli("run", str(spec), "--json", "--cache-dir", str(tmp_path / "cache"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout)["failed"] == 0
+                      workload={"batch_size": 8, "requests": 10, "rate": 40}, metrics=False, output=str(out))
+    summary = run_module.run_experiment(load_runspec(spec, base_dir=REPO), say=lambda _: None,
+                                        cache_dir=tmp_path / "cache")
+    assert summary["failed"] == 0
     link = load_link_measurement(out / "profiles" / "dev1-link.yaml")
     assert link.downlink_method == "ping-echo" and link.edge_request_s is not None
     up, down, delay = link_rates(link)
@@ -188,8 +195,12 @@ def test_a_run_with_prometheus_scrapes_the_controller_the_edge_and_every_agent(c
                       metrics={"enabled": True, "prometheus": True, "scrape_interval": "500ms"}, output=str(out))
     seen: dict[str, Any] = {}
 
-    def query(progress: Progress) -> None:  # while the run (and its Prometheus) is up
-        if progress.elapsed_s < 5 or "e2e" in seen:
+    def complete() -> bool:  # every target and node up and both devices' requests counted
+        return ("targets" in seen and len(seen["targets"]) == 4 and set(seen["targets"].values()) == {1.0}
+                and set(seen["e2e"]) == {"dev1", "dev2"} and len(seen["up"]) == 3)
+
+    def query(progress: Progress) -> None:  # while the run (and its Prometheus) is up; again until complete
+        if progress.elapsed_s < 5 or complete():  # (one slow scrape of a busy exporter reads up = 0 once)
             return
         url = json.loads((out / "prometheus.json").read_text())["url"]
         seen["e2e"] = prometheus_query(url, 'sum by (device) (testbed_device_stage_duration_seconds_count'

@@ -21,7 +21,7 @@ from testbed.wire import channel
 from testbed.wire.envelope import Envelope, Kind
 from testbed.wire.messages import CONTROL_LIMITS, send_message, unpack_meta
 
-HB = 0.1
+HB = 0.25  # a node is down after 3 silent beats (0.75 s): longer than a stall of this loaded process
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ class Recorder:
         with self.seen:
             assert self.seen.wait_for(lambda: any(c.kind == kind and c.node == node for c in self.changes),
                                       timeout_s), f"no {kind} for {node}: {self.changes}"
-            return next(c for c in self.changes if c.kind == kind and c.node == node)
+            return [c for c in self.changes if c.kind == kind and c.node == node][-1]  # the latest
 
 
 def client(ctl: Controller, name: str, role: str = "device", **handlers) -> ControlClient:

@@ -34,7 +34,7 @@ PROBE = r"""
 import json, socket, struct, sys, time
 mode, host = sys.argv[1], sys.argv[2]
 if mode == "serve":
-    srv = socket.create_server((host, 7777)); srv.settimeout(30)
+    srv = socket.create_server((host, 7777)); srv.settimeout(30); print("listening", flush=True)
     conn, _ = srv.accept(); conn.settimeout(30)
     cc = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0")[0]
     for _ in range(15):
@@ -79,7 +79,7 @@ def probe(lab: Lab, device: str) -> dict[str, float]:
     server = subprocess.Popen(lab.command_in("edge", [sys.executable, "-c", PROBE, "serve", edge]),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening", server.stderr
         client = subprocess.run(lab.command_in(device, [sys.executable, "-c", PROBE, "client", edge]),
                                 capture_output=True, text=True, timeout=60)
         assert client.returncode == 0, client.stderr

@@ -77,8 +77,8 @@ def test_loop_delays_each_direction_and_stops() -> None:
         edge.send(b"down-1")
         assert dev.recv(100) == b"down-1"
         t_down = time.monotonic() - t0
-        assert 0.030 <= t_up < 0.060
-        assert 0.010 <= t_down < 0.040
+        assert 0.030 <= t_up < 0.130  # never early; late only by what a loaded machine's scheduler adds
+        assert 0.010 <= t_down < 0.110
         deadline = time.monotonic() + 1.0  # the loop counts a packet just after the receiver may have it
         while time.monotonic() < deadline and line.downlink.stats()["bytes_out"] != 6:
             time.sleep(0.01)
@@ -87,7 +87,7 @@ def test_loop_delays_each_direction_and_stops() -> None:
 
 def test_loop_keeps_order_and_counts_loss() -> None:
     with running_loop(Impairment(delay_us=5_000, jitter_us=4_000, loss_ppm=500_000), Impairment()) as (dev, edge, line):
-        edge.settimeout(0.5)
+        edge.settimeout(2.0)  # the end of the stream: 2 s without a packet (not a stall of this loaded process)
         for i in range(200):
             dev.send(struct.pack("!i", i))
         got = []
@@ -95,7 +95,7 @@ def test_loop_keeps_order_and_counts_loss() -> None:
             while len(got) < 200:
                 got.append(struct.unpack("!i", edge.recv(16))[0])
         assert got == sorted(got), "order-keeping jitter reordered packets"
-        s = line.uplink.stats()  # the last packet arrived at least 0.5 s ago: the counters have settled
+        s = line.uplink.stats()  # the last packet arrived at least 2 s ago: the counters have settled
         assert s["packets_in"] == 200 and s["packets_out"] == len(got) and s["drops_loss"] == 200 - len(got)
         assert 60 < len(got) < 140
 

@@ -138,9 +138,10 @@ def test_unreachable_hosts_fail_clearly_within_the_timeout(ssh_lab: SshLab) -> N
     # A listening socket that never speaks SSH (the handshake times out), in a lab host.
     server = subprocess.Popen(ssh_lab.lab.command_in("dev2", [sys.executable, "-c",
                               "import socket,time; s=socket.create_server(('10.254.77.12', 2200)); "
-                              "c=s.accept(); time.sleep(30)"]))
+                              "print('listening', flush=True); c=s.accept(); time.sleep(30)"]),
+                              stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
         silent = dataclasses.replace(ssh_lab.inventory.host("dev2"), port=2200)
         start = time.monotonic()
         with pytest.raises(HostUnreachable, match="did not complete an SSH handshake within 2 s"):

@@ -65,8 +65,8 @@ class EchoServer:
                 env = msg.envelope
                 kind = Kind.PONG if env.kind is Kind.PING else Kind.INFER_REPLY
                 reply = Envelope(kind, env.device, env.seq, env.partition, times_ns=env.times_ns)
+                self.served += 1  # before the reply: a client that has it may check the count at once
                 send(self.sock, reply, msg.tensors, limits=self.limits, route=route)
-                self.served += 1
         finally:
             self.sock.close(linger=1000)
 
