@@ -55,7 +55,8 @@ from testbed.metrics.device import DeviceMetrics
 from testbed.onnx_runtime import cpu_session
 from testbed.profiling.hostfacts import host_facts
 from testbed.profiling.links import EchoTarget, measure_link
-from testbed.profiling.store import ProfileError, profile_to_dict
+from testbed.profiling.records import ProfileError
+from testbed.profiling.store import profile_to_dict
 from testbed.wire import channel
 from testbed.wire.envelope import WireLimits
 from testbed.wire.messages import DATA_LIMITS

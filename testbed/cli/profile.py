@@ -13,16 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from testbed.planning.instances import parse_bytes
-from testbed.profiling.store import (
-    RUNTIMES,
-    BlockProfile,
-    LinkMeasurement,
-    ProfileError,
-    default_link_path,
-    default_profile_path,
-    profile_to_dict,
-    save_profile,
-)
+from testbed.profiling.records import RUNTIMES, BlockProfile, LinkMeasurement, ProfileError
+from testbed.profiling.store import default_link_path, default_profile_path, profile_to_dict, save_profile
 
 #: ``--idle-ms`` by default: the wait a served call sees (docs/profiling.md, "Served timings").
 IDLE_MS = 0.0

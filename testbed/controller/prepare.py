@@ -82,7 +82,7 @@ def write_shards(spec: RunSpec, dataset: Any, out_dir: Path) -> dict[str, Path]:
 def build_run_problem(spec: RunSpec, links: Mapping[str, Any] | None = None) -> PlanningProblem:
     """One planner device per spec device (its link profile and class), named by the spec's ids.
 
-    ``links``: measured links (testbed.profiling.store.LinkMeasurement) per device id, used instead of the
+    ``links``: measured links (testbed.profiling.records.LinkMeasurement) per device id, used instead of the
     device's link profile (rates, delay and the edge's measured per-request handling)."""
     from testbed.profiling.problem import build_problem
 

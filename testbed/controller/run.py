@@ -185,7 +185,8 @@ class Run:
         measurement fails or lacks a rate keeps its nominal link profile (said, and recorded in decisions.jsonl)."""
         from testbed.profiling.links import empty_body_echo
         from testbed.profiling.problem import link_rates
-        from testbed.profiling.store import LinkMeasurement, ProfileError, profile_from_dict, save_profile
+        from testbed.profiling.records import LinkMeasurement, ProfileError
+        from testbed.profiling.store import profile_from_dict, save_profile
 
         folder = self.spec.output / PROFILES_DIR
         echo = empty_body_echo(weights.model, weights.weights_hash)  # so the edge's per-request cost is measured

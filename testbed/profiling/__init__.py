@@ -17,19 +17,14 @@ from typing import Any
 from testbed.profiling.hostfacts import host_facts
 from testbed.profiling.links import EchoTarget, empty_body_echo, measure_link
 from testbed.profiling.problem import build_problem
+from testbed.profiling.records import BatchTimings, BlockProfile, LinkMeasurement, ProfileError, Stat, to_model_profile
 from testbed.profiling.store import (
-    BatchTimings,
-    BlockProfile,
-    LinkMeasurement,
-    ProfileError,
-    Stat,
     default_link_path,
     default_profile_path,
     load_block_profile,
     load_link_measurement,
     load_profile,
     save_profile,
-    to_model_profile,
 )
 
 __all__ = [

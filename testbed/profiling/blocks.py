@@ -27,7 +27,7 @@ follows its tail at once: profile devices back to back.) Torch bodies then run a
 Every repeat runs the whole chain (``block``: block ``i`` receives the real output of block ``i - 1``;
 ``prefix``: every prefix on the same input), in the order a real pass takes them. Each repeat also times the
 whole model in one call, a check on the per-block sum. ``warmup`` untimed repeats come first; the
-garbage collector is paused while timing. The result is a :class:`~testbed.profiling.store.BlockProfile`.
+garbage collector is paused while timing. The result is a :class:`~testbed.profiling.records.BlockProfile`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from testbed.models.weights import state_hash
 from testbed.onnx_runtime import cpu_session
 from testbed.partition import activation_shapes
 from testbed.profiling.hostfacts import host_facts
-from testbed.profiling.store import MAX_IDLE_S, RUNTIMES, BatchTimings, BlockProfile, ProfileError, Stat, utc_now
+from testbed.profiling.records import MAX_IDLE_S, RUNTIMES, BatchTimings, BlockProfile, ProfileError, Stat, utc_now
 
 __all__ = ["ORT_METHODS", "Progress", "param_bytes", "pick_torch_device", "profile_blocks", "reference_speed",
            "sum_vs_model"]

@@ -42,7 +42,7 @@ import numpy as np
 import zmq
 
 from testbed.profiling.hostfacts import host_facts
-from testbed.profiling.store import LinkMeasurement, ProfileError, Stat, utc_now
+from testbed.profiling.records import LinkMeasurement, ProfileError, Stat, utc_now
 from testbed.wire import channel
 from testbed.wire.envelope import DEFAULT_LIMITS, Envelope, Kind, WireError, WireLimits
 

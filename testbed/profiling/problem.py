@@ -32,15 +32,8 @@ from testbed.errors import TestbedError
 from testbed.lab.devices import DeviceClass, load_device_class
 from testbed.net.link import DirectionSpec, LinkProfile, load_link_profile
 from testbed.planning.model import MODES, DeviceProfile, PlanningError, PlanningProblem
-from testbed.profiling.store import (
-    FORMAT,
-    BlockProfile,
-    LinkMeasurement,
-    ProfileError,
-    load_block_profile,
-    load_link_measurement,
-    to_model_profile,
-)
+from testbed.profiling.records import BlockProfile, LinkMeasurement, ProfileError, to_model_profile
+from testbed.profiling.store import FORMAT, load_block_profile, load_link_measurement
 
 __all__ = ["LinkLike", "ProfileLike", "build_problem", "device_speed", "link_bursts", "link_rates", "link_request_s",
            "resolve_link"]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from testbed.models.blocks import BlockModel
 from testbed.profiling.blocks import CALL_REPEATS, Clock, _Counter, _idle, _Samples, _sync_for
-from testbed.profiling.store import BatchTimings, Stat
+from testbed.profiling.records import BatchTimings, Stat
 
 __all__ = ["ServingThread", "run_torch_served"]
 

@@ -33,11 +33,7 @@ from typing import Any, Final
 
 import yaml
 
-# The records this module reads and writes; importable from here too (the store's API is what it stores).
 from testbed.profiling.records import (
-    MAX_IDLE_S,
-    METHODS,
-    RUNTIMES,
     BatchTimings,
     BlockProfile,
     LinkMeasurement,
@@ -45,21 +41,12 @@ from testbed.profiling.records import (
     Stat,
     is_int,
     is_real,
-    to_model_profile,
     utc_now,
 )
 
 __all__ = [
     "FORMAT",
-    "MAX_IDLE_S",
     "MEASURED_DIR",
-    "METHODS",
-    "RUNTIMES",
-    "BatchTimings",
-    "BlockProfile",
-    "LinkMeasurement",
-    "ProfileError",
-    "Stat",
     "default_link_path",
     "default_profile_path",
     "load_block_profile",
@@ -69,8 +56,6 @@ __all__ = [
     "profile_to_dict",
     "runtime_tag",
     "save_profile",
-    "to_model_profile",
-    "utc_now",
 ]
 
 #: The format tag written in (and required of) every profile file.

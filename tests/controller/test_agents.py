@@ -22,7 +22,8 @@ from testbed.controller.protocol import CommandError
 from testbed.controller.server import CommandFailed
 from testbed.partition import PartitionId
 from testbed.profiling.links import empty_body_echo
-from testbed.profiling.store import LinkMeasurement, profile_from_dict
+from testbed.profiling.records import LinkMeasurement
+from testbed.profiling.store import profile_from_dict
 
 from ..agents.test_device import no_torch_env
 from ..conftest import REPO, stop_process, wait_for_file

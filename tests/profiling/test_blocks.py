@@ -18,7 +18,8 @@ from testbed.cli.profile import profile as profile_command
 from testbed.models import build_model, state_hash
 from testbed.partition import activation_shape
 from testbed.profiling.blocks import CALL_REPEATS, _prefix_timings, param_bytes, profile_blocks, sum_vs_model
-from testbed.profiling.store import BlockProfile, ProfileError, load_block_profile, save_profile, to_model_profile
+from testbed.profiling.records import BlockProfile, ProfileError, to_model_profile
+from testbed.profiling.store import load_block_profile, save_profile
 
 HOST = {"hostname": "testhost"}
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from testbed.cli.errors import friendly_errors
 from testbed.cli.profile import profile as profile_command
 from testbed.profiling.links import burst_bytes, empty_body_echo, fit_rate_bps, fit_tail_line, measure_link
-from testbed.profiling.store import ProfileError, load_link_measurement
+from testbed.profiling.records import ProfileError
+from testbed.profiling.store import load_link_measurement
 from testbed.wire import channel
 from testbed.wire.envelope import Envelope, Kind
 

@@ -13,14 +13,8 @@ from testbed.net.link import load_link_profile
 from testbed.planning.lscra import plan_lscra
 from testbed.planning.model import device_time, evaluate_plan, split_violations
 from testbed.profiling.problem import build_problem, device_speed, link_rates, link_request_s, resolve_link
-from testbed.profiling.store import (
-    MEASURED_DIR,
-    LinkMeasurement,
-    ProfileError,
-    Stat,
-    load_block_profile,
-    save_profile,
-)
+from testbed.profiling.records import LinkMeasurement, ProfileError, Stat
+from testbed.profiling.store import MEASURED_DIR, load_block_profile, save_profile
 
 ORT = MEASURED_DIR / "vm-cnn-onnxruntime.yaml"
 TORCH = MEASURED_DIR / "vm-cnn-torch.yaml"

@@ -13,14 +13,10 @@ from hypothesis import strategies as st
 
 from testbed.errors import TestbedError
 from testbed.planning.model import ModelProfile
+from testbed.profiling.records import BatchTimings, BlockProfile, LinkMeasurement, ProfileError, Stat, to_model_profile
 from testbed.profiling.store import (
     FORMAT,
     MEASURED_DIR,
-    BatchTimings,
-    BlockProfile,
-    LinkMeasurement,
-    ProfileError,
-    Stat,
     default_link_path,
     default_profile_path,
     load_block_profile,
@@ -29,7 +25,6 @@ from testbed.profiling.store import (
     profile_from_dict,
     profile_to_dict,
     save_profile,
-    to_model_profile,
 )
 
 SHAPES = ((1, 4, 4), (2, 4, 4), (2, 2, 2), (5,))
