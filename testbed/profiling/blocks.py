@@ -40,7 +40,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +55,24 @@ from testbed.onnx_runtime import cpu_session
 from testbed.partition import activation_shapes
 from testbed.profiling.hostfacts import host_facts
 from testbed.profiling.records import MAX_IDLE_S, RUNTIMES, BatchTimings, BlockProfile, ProfileError, Stat, utc_now
+from testbed.profiling.served import run_torch_served
+from testbed.profiling.timing import (
+    CALL_IDLE_S,
+    CALL_REPEATS,
+    BlockSamples,
+    Clock,
+    Progress,
+    ProgressCounter,
+    idle,
+    sync_for,
+)
 
 __all__ = ["ORT_METHODS", "Progress", "param_bytes", "pick_torch_device", "profile_blocks", "reference_speed",
            "sum_vs_model"]
 
-#: ``progress(done, total)``: called after every repeat (warm-up included) and every exported block.
-Progress = Callable[[int, int], None]
-Clock = Callable[[], int]
-
 MAX_BATCH = 65536
 #: How onnxruntime block times are measured (see the module docstring); the first is the default.
 ORT_METHODS: tuple[str, ...] = ("prefix", "block")
-#: The per-call cost (method prefix): calls of the last block's own session, each after an idle wait.
-CALL_REPEATS = 30
-CALL_IDLE_S = 0.010
 
 
 def param_bytes(model: BlockModel) -> tuple[int, ...]:
@@ -135,42 +139,15 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-class _Counter:
-    def __init__(self, total: int, progress: Progress | None) -> None:
-        self.done, self.total, self.progress = 0, total, progress
-
-    def step(self) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-
-
 # ---------------------------------------------------------------------------------------------
 # Runners: one repeat = the chain of blocks, timed block by block, then the whole model in one call.
-
-
-class _Samples:
-    def __init__(self, num_blocks: int, training: bool) -> None:
-        self.fwd: list[list[float]] = [[] for _ in range(num_blocks)]
-        self.bwd: list[list[float]] | None = [[] for _ in range(num_blocks)] if training else None
-        self.model_fwd: list[float] = []
-        self.model_bwd: list[float] | None = [] if training else None
-
-    def timings(self, batch_size: int) -> BatchTimings:
-        return BatchTimings(
-            batch_size=batch_size,
-            fwd=tuple(Stat.of(s) for s in self.fwd),
-            model_fwd=Stat.of(self.model_fwd),
-            bwd=None if self.bwd is None else tuple(Stat.of(s) for s in self.bwd),
-            model_bwd=None if self.model_bwd is None else Stat.of(self.model_bwd),
-        )
 
 
 def _ort_session(path: Path, threads: int) -> Any:
     return cpu_session(path, threads, error=ProfileError)
 
 
-def _export_graphs(model: BlockModel, workdir: Path, method: str, counter: _Counter
+def _export_graphs(model: BlockModel, workdir: Path, method: str, counter: ProgressCounter
                    ) -> tuple[list[Path], Path, Path | None]:
     """ONNX graphs (input ``x``, output ``y``): one per block (``block``) or one per head prefix ``[0, k)``
     (``prefix``, k = 1..L-1), one of the whole model, and (``prefix``) the last block on its own."""
@@ -246,13 +223,8 @@ def _call_cost(last: Any, x_last: np.ndarray, last_block_s: float, clock: Clock)
     return Stat.of(samples)
 
 
-def _idle(seconds: float) -> None:
-    if seconds > 0:
-        time.sleep(seconds)
-
-
 def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup: int, repeats: int,
-             method: str, clock: Clock, counter: _Counter, workdir: Path, idle_s: float = 0.0
+             method: str, clock: Clock, counter: ProgressCounter, workdir: Path, idle_s: float = 0.0
              ) -> list[BatchTimings]:
     paths, full_path, last_path = _export_graphs(model, workdir, method, counter)
     sessions = [_ort_session(p, threads) for p in paths]
@@ -263,14 +235,14 @@ def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup
     L = model.num_blocks
     for batch in batch_sizes:
         x0 = rng.standard_normal((batch, *model.input_shape), dtype=np.float32)
-        samples = _Samples(L, training=False)
+        samples = BlockSamples(L, training=False)
         prefix: list[list[float]] = [[] for _ in range(L)]
         for rep in range(warmup + repeats):
             timed = rep >= warmup
             x = x0
             for i, sess in enumerate(sessions):
                 if timed and (method == "prefix" or i == 0):  # a chain of block sessions is one served call
-                    _idle(idle_s)
+                    idle(idle_s)
                 t0 = clock()
                 y = sess.run(None, {"x": x})[0]
                 t1 = clock()
@@ -279,7 +251,7 @@ def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup
                 if method == "block":
                     x = y
             if timed:
-                _idle(idle_s)
+                idle(idle_s)
             t0 = clock()
             full.run(None, {"x": x0})
             t1 = clock()
@@ -297,21 +269,15 @@ def _run_ort(model: BlockModel, batch_sizes: Sequence[int], threads: int, warmup
     return out
 
 
-def _sync_for(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
 def _run_torch_inference(model: BlockModel, batch_sizes: Sequence[int], device: torch.device, warmup: int,
-                         repeats: int, clock: Clock, counter: _Counter) -> list[BatchTimings]:
+                         repeats: int, clock: Clock, counter: ProgressCounter) -> list[BatchTimings]:
     model.eval()
-    sync = _sync_for(device)
+    sync = sync_for(device)
     gen = torch.Generator().manual_seed(0)
     out = []
     for batch in batch_sizes:
         x0 = torch.randn(batch, *model.input_shape, generator=gen).to(device)
-        samples = _Samples(model.num_blocks, training=False)
+        samples = BlockSamples(model.num_blocks, training=False)
         with torch.inference_mode():
             for rep in range(warmup + repeats):
                 timed = rep >= warmup
@@ -342,9 +308,9 @@ def _zero_grads(module: nn.Module) -> None:
 
 
 def _run_torch_training(model: BlockModel, batch_sizes: Sequence[int], device: torch.device, warmup: int,
-                        repeats: int, clock: Clock, counter: _Counter) -> list[BatchTimings]:
+                        repeats: int, clock: Clock, counter: ProgressCounter) -> list[BatchTimings]:
     model.train()
-    sync = _sync_for(device)
+    sync = sync_for(device)
     gen = torch.Generator().manual_seed(0)
     L = model.num_blocks
     out = []
@@ -354,7 +320,7 @@ def _run_torch_training(model: BlockModel, batch_sizes: Sequence[int], device: t
         with torch.no_grad():
             logits_shape = model.run(x0, 0, L).shape
         g_out = torch.randn(*logits_shape, generator=gen).to(device) / batch
-        samples = _Samples(L, training=True)
+        samples = BlockSamples(L, training=True)
         assert samples.bwd is not None and samples.model_bwd is not None
         for rep in range(warmup + repeats):
             timed = rep >= warmup
@@ -479,7 +445,7 @@ def profile_blocks(
     shapes = activation_shapes(model)
     pbytes = param_bytes(model)
     exports = 0 if runtime != "onnxruntime" else model.num_blocks + 1
-    counter = _Counter(exports + len(sizes) * (warmup + repeats), progress)
+    counter = ProgressCounter(exports + len(sizes) * (warmup + repeats), progress)
     work = copy.deepcopy(model).to(dev)
     work.requires_grad_(training)
     try:
@@ -493,7 +459,6 @@ def profile_blocks(
             elif training:
                 batches = _run_torch_training(work, sizes, dev, warmup, repeats, clock, counter)
             elif idle_s > 0:
-                from testbed.profiling.served import run_torch_served  # it builds on this module's helpers
 
                 batches = run_torch_served(work, sizes, dev, warmup, repeats, clock, counter, idle_s)
             else:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from testbed.models.blocks import BlockModel
-from testbed.profiling.blocks import CALL_REPEATS, Clock, _Counter, _idle, _Samples, _sync_for
 from testbed.profiling.records import BatchTimings, Stat
+from testbed.profiling.timing import CALL_REPEATS, BlockSamples, Clock, ProgressCounter, idle, sync_for
 
 __all__ = ["ServingThread", "run_torch_served"]
 
@@ -56,11 +56,11 @@ class ServingThread:
 
 
 def run_torch_served(model: BlockModel, batch_sizes: Sequence[int], device: torch.device, warmup: int,
-                      repeats: int, clock: Clock, counter: _Counter, idle_s: float) -> list[BatchTimings]:
+                      repeats: int, clock: Clock, counter: ProgressCounter, idle_s: float) -> list[BatchTimings]:
     """Torch inference as the edge serves it: each timed run after ``idle_s``, on a serving thread; the wake-up
     of a run (``call``) measured apart from the blocks (see the module docstring)."""
     model.eval()
-    sync = _sync_for(device)
+    sync = sync_for(device)
     gen = torch.Generator().manual_seed(0)
     L = model.num_blocks
     worker = ServingThread()
@@ -90,15 +90,15 @@ def run_torch_served(model: BlockModel, batch_sizes: Sequence[int], device: torc
     try:
         for batch in batch_sizes:
             x0 = torch.randn(batch, *model.input_shape, generator=gen).to(device)
-            samples = _Samples(L, training=False)
+            samples = BlockSamples(L, training=False)
             inputs: list[Tensor] = []
             for rep in range(warmup + repeats):
                 timed = rep >= warmup
                 if timed:
-                    _idle(idle_s)
+                    idle(idle_s)
                 times, inputs = worker.run(lambda x0=x0: chain(x0, 0, L))
                 if timed:
-                    _idle(idle_s)
+                    idle(idle_s)
                 model_s = worker.run(lambda x0=x0: whole(x0))
                 if timed:
                     for i, t in enumerate(times):
@@ -109,7 +109,7 @@ def run_torch_served(model: BlockModel, batch_sizes: Sequence[int], device: torc
             wake = []
             for j in range(CALL_REPEATS):  # the first block of a run, for every start in turn
                 i = j % L
-                _idle(idle_s)
+                idle(idle_s)
                 first, _ = worker.run(lambda i=i, x=inputs[i]: chain(x, i, i + 1))
                 wake.append(max(0.0, first[0] - in_chain[i]))
             call = Stat.of(wake)
