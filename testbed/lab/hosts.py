@@ -115,16 +115,19 @@ def pids_in_namespace(name: str) -> list[int]:
 
 
 def process_start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot, field 22 of /proc/PID/stat), None when it is gone.
+
+    A process that exits between the open and the read makes the read fail with ESRCH (ProcessLookupError)."""
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (FileNotFoundError, IndexError, ValueError):
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return None
 
 
 def command_line(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (FileNotFoundError, PermissionError):
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
         return ""
 
 

@@ -110,6 +110,8 @@ def test_edge_and_devices_register_with_their_facts(cluster: Cluster) -> None:
     assert facts["hostname"] and facts["logical_cores"] >= 1
     assert facts["libraries"]["onnxruntime"] and facts["accelerator"] is None  # the agent never probes torch
     assert nodes["edge"].status.get("served", 0) == 0
+    for name in nodes:  # changes reach callbacks on the controller's event thread: maybe after wait_for returned
+        cluster.rec.wait("registered", name)
     assert [c.kind for c in cluster.rec.changes].count("registered") == 3
 
 

@@ -88,3 +88,24 @@ def test_state_round_trips(tmp_path: Path) -> None:
     store.path("bad").write_text("{not json")
     with pytest.raises(LabError, match="unreadable"):
         store.load("bad")
+
+
+def test_process_facts_of_a_process_that_is_gone_are_none_even_mid_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lab down` polls /proc/PID/stat while the processes it stopped exit; one that is reaped between the open and
+    the read fails the read with ESRCH (a CI run's `lab down` died of it): that is a process gone, not an error."""
+    import subprocess
+    import sys
+
+    from testbed.lab import hosts
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert hosts.process_start_ticks(proc.pid) is None and hosts.command_line(proc.pid) == ""  # reaped: no /proc
+    assert hosts.process_start_ticks(1) is not None  # init is there
+
+    def reaped_mid_read(self: Path, *args: object, **kwargs: object) -> str:  # the kernel's answer in that race
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(Path, "read_text", reaped_mid_read)
+    monkeypatch.setattr(Path, "read_bytes", reaped_mid_read)
+    assert hosts.process_start_ticks(1) is None and hosts.command_line(1) == ""

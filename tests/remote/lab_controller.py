@@ -1,7 +1,8 @@
 """A controller for tests/remote, run inside the lab's edge namespace (the test process cannot reach lab addresses).
 
 It waits for the edge and N device agents, deploys one partition (ONNX head and tail) to every device, runs a short
-synthetic workload on each through the edge, and writes the devices' and the edge's reports as JSON. What
+synthetic workload on each through the edge, and writes the devices' and the edge's reports as JSON; with
+--hold-s it stays up after that (for `testbed status`) until SIGTERM. What
 `testbed run` does, reduced to one partition and no planner, through the same `Controller` API.
 
     python -m tests.remote.lab_controller --bind tcp://10.254.77.1:5600 --edge tcp://10.254.77.1:5555 \
@@ -40,8 +41,18 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             time.sleep(0.2)
         for d in set(devices) - set(reports):  # out of time: what they did so far
             reports[d] = {**ctl.stop_workload(d), "timed_out": True}
-        return {"devices": devices, "deployed": deployed, "started": started, "reports": reports,
-                "edge": ctl.report("edge")}
+        result = {"devices": devices, "deployed": deployed, "started": started, "reports": reports,
+                  "edge": ctl.report("edge")}
+        write_json(args.out, result)
+        # Still up for `testbed status` (the workload may end before anyone asked) until stopped or hold_s passed.
+        stop.wait(args.hold_s)
+        return result
+
+
+def write_json(path: Path, data: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--heartbeat-s", type=float, default=1.0)
     p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--hold-s", type=float, default=0.0, help="after writing --out, stay up this long or until SIGTERM")
     p.add_argument("--run-dir", type=Path, help="controller.json goes here")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--parent-pid", type=int)
@@ -62,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid:
         die_with_parent(args.parent_pid)
     args.timeout_s = min(args.timeout_s, MAX_WAIT_S)
-    result = run(args)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, args.out)
+    args.hold_s = min(args.hold_s, MAX_WAIT_S)
+    run(args)
     return 0
 
 

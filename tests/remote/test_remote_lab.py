@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -191,7 +192,7 @@ def test_unknown_host_key_is_refused_until_trusted(ssh_lab: SshLab, tmp_path: Pa
 
 def test_deploy_verifies_hashes_and_detects_corruption(ssh_lab: SshLab, tmp_path: Path) -> None:
     head, tail = tmp_path / "head_a03.onnx", tmp_path / "tail_b07.onnx"
-    head.write_bytes(os.urandom(300_000))
+    head.write_bytes(bytes(11) + os.urandom(300_000 - 11))  # byte 10 is 0, so the damage below ("x") changes it
     tail.write_bytes(os.urandom(1000))
     host = ssh_lab.inventory.host("dev1")
     dest = f"{host.root}/partitions"
@@ -353,7 +354,7 @@ def test_provisioned_agents_register_and_serve_split_inference(ssh_lab: SshLab, 
         subprocess.Popen(ssh_lab.lab.command_in("edge", [
             sys.executable, "-m", "tests.remote.lab_controller", "--bind", controller, "--edge", edge_data,
             "--partition", partition, "--head", str(head), "--tail", str(tail), "--devices", "2",
-            "--requests", str(REQUESTS), "--out", str(result), "--parent-pid", str(os.getpid())]),
+            "--requests", str(REQUESTS), "--out", str(result), "--hold-s", "300", "--parent-pid", str(os.getpid())]),
             cwd=REPO, stdout=out_file, stderr=subprocess.STDOUT),
         subprocess.Popen(ssh_lab.lab.command_in("edge", [
             str(VENV_BIN / "testbed-edge"), "--weights", str(cnn_weights.path), "--bind", edge_data,
@@ -383,8 +384,13 @@ def test_provisioned_agents_register_and_serve_split_inference(ssh_lab: SshLab, 
             time.sleep(0.5)
         assert {"dev1", "dev2", "edge"} <= {name for name, n in nodes.items() if n["up"]}, answer[-2000:]
         assert nodes["dev1"]["role"] == nodes["dev2"]["role"] == "device" and nodes["edge"]["role"] == "edge"
-        procs[0].wait(timeout=180)
-        assert procs[0].returncode == 0, (tmp_path / "controller-edge.log").read_text()[-3000:]
+        deadline = time.monotonic() + 180  # the workload's result; the controller then holds until stopped
+        while not result.exists():
+            assert procs[0].poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "controller-edge.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=60) == 0, (tmp_path / "controller-edge.log").read_text()[-3000:]
         done = json.loads(result.read_text())
         assert done["devices"] == ["dev1", "dev2"]
         for device in ("dev1", "dev2"):
