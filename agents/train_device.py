@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -278,17 +279,22 @@ def main(argv: list[str] | None = None) -> int:
         serve(ctrl, args.name, stop, trainer.handle)
     except Interrupted:
         code = 130
-    except (TestbedError, WireError) as exc:
+    except (TestbedError, WireError, zmq.ZMQError) as exc:  # ZMQError: e.g. a control endpoint it cannot use
         print(f"train-device {args.name}: {exc}", file=sys.stderr, flush=True)
         if ctrl is not None:
             send_error(ctrl, args.name, "train_failed", f"{exc}")
         code = 2
+    except Exception as exc:  # a bug: said with its traceback, and the controller told, then the same clean-up
+        traceback.print_exc()
+        if ctrl is not None:
+            send_error(ctrl, args.name, "train_failed", f"internal error: {type(exc).__name__}: {exc}")
+        code = 1
     finally:
         if trainer is not None and trainer.data is not None:
             trainer.data.close(linger=0)
         if ctrl is not None:
             ctrl.close(linger=1000)
-        ctx.term()
+        ctx.destroy(linger=0)  # also closes a socket that a failed start-up left open (term() would wait for it)
     return code
 
 

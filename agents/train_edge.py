@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,19 +468,24 @@ def main(argv: list[str] | None = None) -> int:
         edge.serve(ctrl)
     except Interrupted:
         code = 130
-    except (TestbedError, WireError) as exc:
+    except (TestbedError, WireError, zmq.ZMQError) as exc:  # ZMQError: e.g. a data endpoint already in use
         print(f"train-edge: {exc}", file=sys.stderr, flush=True)
         if ctrl is not None:
             send_error(ctrl, args.name, "train_failed", str(exc))
         code = 2
+    except Exception as exc:  # a bug: said with its traceback, and the controller told, then the same clean-up
+        traceback.print_exc()
+        if ctrl is not None:
+            send_error(ctrl, args.name, "train_failed", f"internal error: {type(exc).__name__}: {exc}")
+        code = 1
     finally:
+        if recorder is not None:
+            recorder.close()
         if edge is not None:
             edge.data.close(linger=0)
         if ctrl is not None:
             ctrl.close(linger=1000)
-        ctx.term()
-        if recorder is not None:
-            recorder.close()
+        ctx.destroy(linger=0)  # also closes a socket that a failed start-up left open (term() would wait for it)
     return code
 
 
