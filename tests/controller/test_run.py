@@ -322,3 +322,58 @@ def test_in_the_lab_the_split_moves_away_on_lte_and_back_on_6g_without_failures(
         all_gone(out)
     finally:
         assert not [ns for ns in list_namespaces() if ns.startswith("tbq-")], "the run's lab was not taken down"
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2")
+def test_a_lab_run_with_prometheus_scrapes_every_exporter_from_inside_the_lab(cnn_weights, tmp_path: Path) -> None:
+    """metrics.prometheus in the lab: Prometheus runs in the lab's switch namespace, where the devices' and the
+    edge's exporters are reachable at their lab addresses; queried there while the run serves, it has every target
+    up and every device's requests."""
+    from testbed.controller.monitoring import in_namespace
+    from testbed.controller.run import Progress, run_experiment
+    from testbed.controller.runspec import load_runspec
+    from testbed.lab.hosts import list_namespaces
+
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "labprom.yaml", name="labprom", weights=str(cnn_weights.path),
+                      placement={"kind": "lab", "prefix": "tbn"}, edge={"device": "cpu"},
+                      devices=[{"id": "dev1", "class": "raspberry-pi-5", "link": "6g-vision", "data": "synthetic",
+                                "split": [3, 9]},
+                               {"id": "dev2", "class": "raspberry-pi-5", "link": "5g-sub6", "data": "synthetic",
+                                "split": [1, 1]}],
+                      planner={**PROFILES, "resplit": False}, workload={"batch_size": 8, "duration": "8s", "rate": 20},
+                      metrics={"enabled": True, "prometheus": True, "scrape_interval": "500ms"}, output=str(out))
+    seen: dict[str, Any] = {}
+
+    def complete() -> bool:
+        return ("targets" in seen and len(seen["targets"]) == 4 and set(seen["targets"].values()) == {1.0}
+                and set(seen["e2e"]) == {"dev1", "dev2"})
+
+    def query(progress: Progress) -> None:  # while the run serves; again until complete
+        if progress.elapsed_s < 4 or complete():
+            return
+        info = json.loads((out / "prometheus.json").read_text())
+        seen["netns"] = info["netns"]
+        with in_namespace(info["netns"]):  # the lab's addresses are reachable only in there
+            seen["targets"] = prometheus_query(info["url"], "up", "instance")
+            seen["e2e"] = prometheus_query(info["url"], 'sum by (device) (testbed_device_stage_duration_seconds_count'
+                                                        '{stage="e2e"})', "device")
+
+    lines: list[str] = []
+    try:
+        summary = run_experiment(load_runspec(spec, base_dir=REPO), say=lines.append, progress=query,
+                                 state_dir=tmp_path / "state", cache_dir=tmp_path / "cache")
+        assert summary["failed"] == 0
+        assert seen.get("netns") == "tbn-lab" and complete(), seen
+        assert all(v > 0 for v in seen["e2e"].values()), seen
+        # The edge's and the devices' exporters at their lab addresses; the controller's beside Prometheus, on the
+        # switch namespace's own loopback.
+        hosts = sorted(t.rsplit(":", 1)[0] for t in seen["targets"])
+        assert hosts == ["10.254.77.1", "10.254.77.11", "10.254.77.12", "127.0.0.1"], seen
+        assert not [line for line in lines if "has not scraped" in line], lines
+        assert wait_gone([summary["prometheus"]["pid"]]) == []
+        all_gone(out)
+    finally:
+        assert not [ns for ns in list_namespaces() if ns.startswith("tbn-")], "the run's lab was not taken down"
