@@ -91,17 +91,20 @@ def test_agent_gives_up_on_a_silent_edge(cnn_weights, onnx_cache, tmp_path) -> N
 
 
 def test_slowdown_stretches_head_and_tail_on_the_device(cnn_weights, onnx_cache, edge_server, tmp_path) -> None:
+    """--slowdown 4 makes the head about 4x as long as in the same agent at 1x. Two processes' sub-millisecond
+    timings on a loaded machine differ by more than a few percent, so the check is loose: it fails when the
+    dilation is missing (about 1x) or applied twice (about 16x), not on noise."""
     model = cnn_weights.model
     head, tail = onnx_cache.partition(model, cnn_weights.weights_hash, 5, 8)
     data = tmp_path / "data.npz"
-    x = np.random.default_rng(5).standard_normal((64, *model.input_shape), dtype=np.float32)
-    np.savez(data, x=x, y=np.zeros(64, np.int64))
+    x = np.random.default_rng(5).standard_normal((280, *model.input_shape), dtype=np.float32)
+    np.savez(data, x=x, y=np.zeros(280, np.int64))
     pid = str(PartitionId(cnn_weights.weights_hash, 5, 8))
-    fastest = {}  # the quickest head of each run: load on this machine only ever lengthens a timing
+    medians = {}  # of 40 requests each
     for factor in ("1", "4"):
         proc, out = run_agent(tmp_path, edge_server.endpoint, head, tail, pid, data, "--slowdown", factor)
         assert proc.returncode == 0, proc.stderr
-        fastest[factor] = min(json.loads(out.read_text())["stages_ms"]["head"])
-    assert 3.0 <= fastest["4"] / fastest["1"] <= 5.5, fastest
+        medians[factor] = float(np.median(json.loads(out.read_text())["stages_ms"]["head"]))
+    assert 2.5 <= medians["4"] / medians["1"] <= 6.5, medians
     bad, _ = run_agent(tmp_path, edge_server.endpoint, head, tail, pid, data, "--slowdown", "0.5")
     assert bad.returncode == 2 and "--slowdown" in bad.stderr
