@@ -227,6 +227,19 @@ def send_error(sock: zmq.Socket, name: str, code: str, message: str) -> None:
         pass
 
 
+def report_failure(ctrl: zmq.Socket | None, name: str, prefix: str, exc: Exception) -> int:
+    """Say why a training agent stops — one line for an error it knows (a bad spec, a peer's garbage, an endpoint
+    it cannot use), the traceback for a bug — tell the controller, and return the exit code (2 or 1)."""
+    known = isinstance(exc, TestbedError | WireError | zmq.ZMQError)
+    if known:
+        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exc()
+    if ctrl is not None:
+        send_error(ctrl, name, "train_failed", str(exc) if known else f"internal error: {type(exc).__name__}: {exc}")
+    return 2 if known else 1
+
+
 def serve(sock: zmq.Socket, name: str, stop: threading.Event, handler: Any) -> None:
     """The agents' control loop: answer each controller message with ``handler``'s reply."""
     while not stop.is_set():
@@ -279,16 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(ctrl, args.name, stop, trainer.handle)
     except Interrupted:
         code = 130
-    except (TestbedError, WireError, zmq.ZMQError) as exc:  # ZMQError: e.g. a control endpoint it cannot use
-        print(f"train-device {args.name}: {exc}", file=sys.stderr, flush=True)
-        if ctrl is not None:
-            send_error(ctrl, args.name, "train_failed", f"{exc}")
-        code = 2
-    except Exception as exc:  # a bug: said with its traceback, and the controller told, then the same clean-up
-        traceback.print_exc()
-        if ctrl is not None:
-            send_error(ctrl, args.name, "train_failed", f"internal error: {type(exc).__name__}: {exc}")
-        code = 1
+    except Exception as exc:  # then the same clean-up
+        code = report_failure(ctrl, args.name, f"train-device {args.name}", exc)
     finally:
         if trainer is not None and trainer.data is not None:
             trainer.data.close(linger=0)

@@ -26,7 +26,6 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 import zmq
 
-from agents.train_device import Interrupted, control_socket, send_error
+from agents.train_device import Interrupted, control_socket, report_failure
 from agents.train_recorder import Recorder
 from testbed.errors import TestbedError
 from testbed.lifecycle import AGENT_EXIT_GRACE_S, die_with_parent, exit_without_teardown, stop_event_on_signals
@@ -468,16 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         edge.serve(ctrl)
     except Interrupted:
         code = 130
-    except (TestbedError, WireError, zmq.ZMQError) as exc:  # ZMQError: e.g. a data endpoint already in use
-        print(f"train-edge: {exc}", file=sys.stderr, flush=True)
-        if ctrl is not None:
-            send_error(ctrl, args.name, "train_failed", str(exc))
-        code = 2
-    except Exception as exc:  # a bug: said with its traceback, and the controller told, then the same clean-up
-        traceback.print_exc()
-        if ctrl is not None:
-            send_error(ctrl, args.name, "train_failed", f"internal error: {type(exc).__name__}: {exc}")
-        code = 1
+    except Exception as exc:  # then the same clean-up
+        code = report_failure(ctrl, args.name, "train-edge", exc)
     finally:
         if recorder is not None:
             recorder.close()

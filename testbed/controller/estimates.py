@@ -263,7 +263,8 @@ class LiveEstimator:
     def __init__(self, config: EstimatorConfig | None = None, model: ModelProfile | None = None) -> None:
         self.config = config or EstimatorConfig()
         self._model = model
-        self._prefix: tuple[list[float], list[float]] | None = None
+        # Prefix sums of the device's and the edge's block times, and the fixed costs per call (tail, body).
+        self._prefix: tuple[list[float], list[float], float, float] | None = None
         self.set_model(model)
         self._devices: dict[str, _Device] = {}
         self._edge = _Ratio(self.config)
@@ -278,7 +279,7 @@ class LiveEstimator:
         for x, e in zip(model.fwd_s, model.edge_fwd_s, strict=True):
             fwd.append(fwd[-1] + x)
             efwd.append(efwd[-1] + e)
-        self._prefix = (fwd, efwd)
+        self._prefix = (fwd, efwd, model.tail_call_s, model.body_call_s)
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -326,17 +327,15 @@ class LiveEstimator:
         """Profiled (device head + tail, edge body) seconds of the request's split, or None."""
         if self._prefix is None or timing.a is None or timing.b is None:
             return None
-        fwd, efwd = self._prefix
+        fwd, efwd, tail_call_s, body_call_s = self._prefix
         L = len(fwd) - 1
         if timing.b > L:
             raise EstimateError(f"split ({timing.a}, {timing.b}) is outside the profiled model's {L} blocks")
         a, b = timing.a, timing.b
-        m = self._model
-        assert m is not None  # set with the prefix sums
         # The runtimes' fixed costs per call are in the measured times too: the tail session's (charged at the
         # device's speed, as the latency model does) and the edge body's wake-up after idle.
-        device_s = fwd[a] + (fwd[L] - fwd[b]) + (m.tail_call_s if b < L else 0.0)
-        body_s = efwd[b] - efwd[a] + (m.body_call_s if a < b else 0.0)
+        device_s = fwd[a] + (fwd[L] - fwd[b]) + (tail_call_s if b < L else 0.0)
+        body_s = efwd[b] - efwd[a] + (body_call_s if a < b else 0.0)
         return device_s, body_s
 
     def observe_rtt(self, device: str, rtt_s: float, now: float) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from testbed.lab import hosts
 from testbed.lab.cgroups import MIN_QUOTA_US, quota_for
 from testbed.lab.devices import PROFILES_DIR, load_device_class, slowdown
 from testbed.lab.state import LabState, ProcessRecord, StateStore
@@ -93,11 +96,6 @@ def test_state_round_trips(tmp_path: Path) -> None:
 def test_process_facts_of_a_process_that_is_gone_are_none_even_mid_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """`lab down` polls /proc/PID/stat while the processes it stopped exit; one that is reaped between the open and
     the read fails the read with ESRCH (a CI run's `lab down` died of it): that is a process gone, not an error."""
-    import subprocess
-    import sys
-
-    from testbed.lab import hosts
-
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert hosts.process_start_ticks(proc.pid) is None and hosts.command_line(proc.pid) == ""  # reaped: no /proc
